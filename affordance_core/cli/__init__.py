@@ -1,0 +1,1 @@
+"""Console scripts of affordance_core (``affordance-synth``, ``affordance-train``, ...)."""

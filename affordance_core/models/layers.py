@@ -1,0 +1,111 @@
+"""Head blocks and map helpers shared by the DINO-based affordance methods (LOCATE family).
+
+Module attribute names follow the LOCATE reference code so that its checkpoints map onto ours by
+name: ``ResidualMlp`` has ``norm`` / ``fc1`` / ``act`` / ``fc2`` (and ``fc`` in the name puts the
+MLP in the 10x learning-rate groups of the official optimizer, methods.md §0.4); ``ConvBranch`` is
+an ``nn.Sequential`` with the reference's indices (0 conv, 1 BN, 2 ReLU, 3 conv, 4 BN, 5 ReLU).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ['ResidualMlp', 'ConvBranch', 'minmax_2d', 'dino_saliency', 'gather_class_maps',
+           'SALIENCY_HEADS']
+
+# CLS-attention heads of the last DINO ViT-S/16 block used for LOCATE's saliency map (§3.1).
+SALIENCY_HEADS = (0, 1, 3)
+
+
+class ResidualMlp(nn.Module):
+    """Per-token residual MLP: X = F + fc2(GELU(fc1(LayerNorm(F)))), hidden width ``ratio * dim``.
+
+    Args:
+        dim: token width D.
+        ratio: hidden width factor (4 in LOCATE).
+    """
+
+    def __init__(self, dim: int, ratio: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ratio * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(ratio * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) tokens -> (..., D)."""
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ConvBranch(nn.Sequential):
+    """[Conv3x3(D -> D, bias) -> BatchNorm -> ReLU] x 2 on (B, D, h, w) maps (view branch)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(
+            nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
+        )
+
+
+def minmax_2d(x: Tensor, eps: float = 1e-10) -> Tensor:
+    """Min-max normalise every map over its last two dims: (x - min) / (max - min + eps).
+
+    Differentiable (min and max included). The reference's two variants,
+    ``(x - min) / (max(x - min) + eps)`` and ``(x - min) / (max - min + eps)``, are the same.
+
+    Args:
+        x: (..., h, w) maps.
+        eps: added to the range; a constant map becomes all zeros.
+
+    Returns:
+        (..., h, w) maps in [0, 1).
+    """
+    if x.dim() < 2:
+        raise ValueError(f'minmax_2d expects (..., h, w) maps, got shape {tuple(x.shape)}')
+    flat = x.flatten(-2)
+    lo = flat.amin(-1, keepdim=True).unsqueeze(-1)
+    hi = flat.amax(-1, keepdim=True).unsqueeze(-1)
+    return (x - lo) / (hi - lo + eps)
+
+
+def dino_saliency(cls_attn: Tensor,
+                  heads: Sequence[int] = SALIENCY_HEADS) -> tuple[Tensor, Tensor]:
+    """DINO saliency map (LOCATE's ``ego_sam``) from last-block CLS -> patch attention.
+
+    Each selected head's map is binarised at its own spatial mean (strict ``>``), the binary maps
+    are averaged and min-max normalised (eps 1e-15, as the reference's ``normalize_minmax``); the
+    hard map is that soft map thresholded (strict ``>``) at its spatial mean.
+
+    Backbones with fewer heads than ``max(heads) + 1`` (the tiny ``vit_test``) use the listed heads
+    that exist; if none exists, all heads are used.
+
+    Args:
+        cls_attn: (B, heads, h, w) softmax attention of the CLS token to the patches.
+        heads: head indices to use; (0, 1, 3) for LOCATE.
+
+    Returns:
+        soft (B, h, w) float map in [0, 1]; hard (B, h, w) bool map.
+    """
+    if cls_attn.dim() != 4:
+        raise ValueError(f'dino_saliency expects (B, heads, h, w), got {tuple(cls_attn.shape)}')
+    idx = [h for h in heads if h < cls_attn.shape[1]] or list(range(cls_attn.shape[1]))
+    attn = cls_attn[:, idx].float()
+    binary = (attn > attn.mean((-2, -1), keepdim=True)).float()
+    soft = minmax_2d(binary.mean(1), eps=1e-15)
+    hard = soft > soft.mean((-2, -1), keepdim=True)
+    return soft, hard
+
+
+def gather_class_maps(maps: Tensor, class_ids: Tensor) -> Tensor:
+    """Pick one class map per sample: maps (B, C, h, w), class_ids (B,) -> (B, h, w)."""
+    if class_ids.shape != (maps.shape[0],):
+        raise ValueError(f'class ids must have shape ({maps.shape[0]},), '
+                         f'got {tuple(class_ids.shape)}')
+    idx = class_ids.to(device=maps.device, dtype=torch.long)
+    return maps[torch.arange(maps.shape[0], device=maps.device), idx]

@@ -1,0 +1,6 @@
+"""Tensor operations shared by the methods (no learnable parameters)."""
+from __future__ import annotations
+
+from affordance_core.ops.kmeans import kmeans
+
+__all__ = ['kmeans']

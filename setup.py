@@ -1,0 +1,44 @@
+"""pip installation of affordance_core and the affordance_ros Python modules (no ROS needed).
+
+Robots build the package with colcon (CMakeLists.txt + package.xml); this file serves training
+machines, tests and replay. torch is not pinned here: robots bring their own build (e.g. Jetson
+wheels). Known-good pinned versions live in requirements.txt / requirements-dev.txt.
+"""
+from setuptools import find_packages, setup
+
+CONSOLE_SCRIPTS = [
+    'affordance-synth = affordance_core.cli.synth:main',
+    'affordance-train = affordance_core.cli.train:main',
+    'affordance-eval = affordance_core.cli.evaluate:main',
+]
+
+setup(
+    name='affordance_ros',
+    version='0.1.0',
+    description='Weakly-supervised affordance grounding for robots (core + ROS 2 node)',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='MIT',
+    python_requires='>=3.10',
+    packages=find_packages(include=['affordance_core', 'affordance_core.*', 'affordance_ros',
+                                    'affordance_ros.*']),
+    install_requires=[
+        'torch>=2.1',
+        'torchvision>=0.16',
+        'timm>=1.0',
+        'numpy>=1.24',
+        'opencv-python-headless>=4.8',
+        'pillow>=10',
+        'pyyaml>=6',
+        'tqdm>=4.60',
+    ],
+    extras_require={
+        'train': ['tensorboard>=2.14'],
+        'export': ['onnx>=1.16', 'onnxruntime>=1.18'],
+        'test': ['pytest>=8', 'pytest-timeout>=2', 'catkin-pkg>=1.0', 'rosbags>=0.11',
+                 'onnx>=1.16', 'onnxruntime>=1.18', 'tensorboard>=2.14'],
+    },
+    entry_points={'console_scripts': CONSOLE_SCRIPTS},
+    data_files=[('share/affordance_ros', ['package.xml'])],
+    zip_safe=False,
+)
