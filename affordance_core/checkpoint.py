@@ -29,14 +29,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, or not one of ours."""
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+def _atomic_write(path: str | Path, write: Any, mode: str) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +44,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f), 'wb')
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically: readers see the old or the new file, never a part."""
+    _atomic_write(path, lambda f: f.write(text.encode('utf-8')), 'wb')
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, *, config: dict | None = None,

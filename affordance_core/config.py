@@ -35,9 +35,9 @@ class LossTerm:
 
 @dataclass
 class ModelConfig:
-    name: str = 'locate_imgfocus'                         # see affordance_core.list_models()
-    num_classes: int = 0                                  # 0: the size of the data split's class list
-    backbone_weights: str = ''                            # local weights file; '' = backbone default
+    name: str = 'locate_imgfocus'            # see affordance_core.list_models()
+    num_classes: int = 0                     # 0: the size of the data split's class list
+    backbone_weights: str = ''               # local weights file; '' = backbone default
     kwargs: dict[str, Any] = field(default_factory=dict)  # forwarded to the model constructor
 
 
@@ -75,7 +75,7 @@ class TrainConfig:
     device: str = 'auto'              # auto | cpu | cuda | cuda:N
     amp: bool = True                  # mixed precision, only used on CUDA
     output_dir: str = 'runs/locate_seen'
-    cache_features: bool = False      # cache frozen-backbone features; epochs > 0 skip the backbone
+    cache_features: bool = False      # cache frozen-backbone features; later epochs skip it
     cache_views: int = 2              # cached augmentations per image: 1 = plain, 2 = + h-flip
     eval_every: int = 1               # evaluate on the test set every N epochs (0 = never)
     select_by: str = 'kld'            # best checkpoint selection metric (kld | sim | nss)

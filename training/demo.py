@@ -29,7 +29,8 @@ def _row(name: str, overall: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--out', default='outputs/demo', help='output folder (default: %(default)s)')
+    parser.add_argument('--out', default='outputs/demo',
+                        help='output folder (default: %(default)s)')
     parser.add_argument('--size', default='demo', help='AGD-Synth size: tiny | demo | N')
     parser.add_argument('--seed', type=int, default=0, help='dataset seed (default: %(default)s)')
     parser.add_argument('--config', default=str(DEFAULT_CONFIG),

@@ -4,8 +4,8 @@ Example::
 
     affordance-train --config training/configs/locate_seen.yaml data.root=data/AGD20K \\
         train.output_dir=runs/locate_seen
-    affordance-train --config training/configs/locate_seen.yaml train.output_dir=runs/locate_seen \\
-        --resume                                   # continue after the last completed epoch
+    affordance-train --config training/configs/locate_seen.yaml --resume
+                                                   # continue after the last completed epoch
     torchrun --nproc_per_node=2 -m affordance_core.cli.train --config ...   # multi-GPU (DDP)
 
 User errors (missing or invalid config, unknown key, missing data or weights, nothing to resume)

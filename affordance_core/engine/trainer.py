@@ -31,7 +31,6 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from affordance_core.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from affordance_core.checkpoint import (CheckpointError, atomic_write_text, read_checkpoint,
+                                        save_checkpoint)
 from affordance_core.config import ExperimentConfig, save_config, to_dict
 from affordance_core.engine import distributed as dist_utils
 from affordance_core.engine import feature_cache as fc
 from affordance_core.engine.optim import build_optimizer, build_scheduler
 from affordance_core.engine.task import AffordanceTask
 from affordance_core.labels import classes_for
+from affordance_core.metrics.evaluator import json_safe
 
 __all__ = ['Trainer', 'SELECT_BY', 'capture_rng_state', 'restore_rng_state']
 
@@ -510,10 +511,15 @@ class Trainer:
                 n_steps += 1
                 n_samples += int(batch['label'].shape[0])
                 self.global_step += 1
-                if self.writer is not None and self.global_step % cfg.train.log_every == 0:
-                    for k, v in values.items():
-                        self.writer.add_scalar(f'train/{k}', float(v), self.global_step)
-                    self.writer.add_scalar('train/lr', self._base_lr(), self.global_step)
+                if self.global_step % cfg.train.log_every == 0 and self.is_main:
+                    if self.writer is not None:
+                        for k, v in values.items():
+                            self.writer.add_scalar(f'train/{k}', float(v), self.global_step)
+                        self.writer.add_scalar('train/lr', self._base_lr(), self.global_step)
+                    if not self.progress:  # a log line stands in for the progress bar
+                        logger.info('epoch %d step %d/%d: loss %.4f (%.1f samples/s)',
+                                    epoch + 1, step + 1, steps, float(values['loss']),
+                                    n_samples / max(time.perf_counter() - t0, 1e-9))
                 if self.progress:
                     bar.set_postfix(loss=f"{float(values['loss']):.4f}")
                 bar.update(1)
@@ -804,13 +810,10 @@ class Trainer:
                 'best_metric': self.best_value, 'best': self.best_metrics,
                 'epochs': self.history}
         path = self.output_dir / 'history.json'
-        tmp = path.with_suffix('.json.tmp')
-        tmp.write_text(json.dumps(data, indent=2, default=float, allow_nan=True) + '\n')
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + '\n')
         curves = [{k: v for k, v in h.items() if k not in _CURVE_SKIP} for h in self.history]
         try:
             from affordance_core.viz import save_training_curves
             save_training_curves(curves, self.output_dir / 'training_curves.png')
         except Exception as exc:  # a plotting problem must not stop training
             logger.warning('could not draw the training curves: %s', exc)
-

@@ -193,12 +193,12 @@ class AffordanceEvaluator:
         }
 
 
-def _json_safe(obj: Any) -> Any:
-    """nan / inf -> None (strict JSON), numpy scalars -> Python scalars."""
+def json_safe(obj: Any) -> Any:
+    """Strict-JSON copy: nan / inf -> None (strict JSON), numpy scalars -> Python scalars."""
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -210,7 +210,7 @@ def write_json(result: Mapping[str, Any], path: str | Path) -> Path:
     """Write an evaluation result as strict JSON (non-finite numbers become ``null``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + '\n',
+    path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + '\n',
                     encoding='utf-8')
     return path
 

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_defaults_then_yaml_then_overrides(tmp_path):
     path = tmp_path / 'c.yaml'
     path.write_text('train:\n  epochs: 3\n  batch_size: 4\noptim:\n  lr: 1e-2\n'
-                    'losses:\n  - {name: cross_entropy}\n  - {name: concentration, weight: 0.07}\n')
+                    'losses:\n  - {name: cross_entropy}\n'
+                    '  - {name: concentration, weight: 0.07}\n')
     cfg = load_config(ExperimentConfig, path, ['train.epochs=5', 'data.split=Unseen',
                                                'model.kwargs.aff_cam_thd=0.5'])
     assert cfg.train.epochs == 5            # override wins over YAML

@@ -238,8 +238,8 @@ def test_load_images_false_same_keys_no_tensors(seen_root: Path):
     for i in range(len(full)):
         a, b = full[i], keys_only[i]
         assert set(b) == {'label', 'ego_key', 'exo_keys'}
-        assert (a['ego_key'], a['exo_keys'], a['label']) == (b['ego_key'], b['exo_keys'],
-                                                              b['label'])
+        assert a['ego_key'] == b['ego_key'] and a['exo_keys'] == b['exo_keys']
+        assert a['label'] == b['label']
 
 
 def test_set_epoch_determinism(seen_root: Path):

@@ -229,10 +229,19 @@ def test_task_rejects_unknown_and_duplicate_losses():
 
 def test_fit_writes_every_artifact_and_checkpoints_load_weights_only(tiny_root, tmp_path):
     out = tmp_path / 'run'
-    summary = Trainer(tiny_cfg(tiny_root, out, 'train.tensorboard=true'), progress=False).fit()
+    summary = Trainer(tiny_cfg(tiny_root, out, 'train.tensorboard=true', 'train.log_every=1'),
+                      progress=False).fit()
     for name in ('config.yaml', 'last.pt', 'best.pt', 'history.json', 'training_curves.png'):
         assert (out / name).is_file(), name
-    assert list((out / 'tb').glob('events.out.tfevents.*'))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / 'tb'), size_guidance={'images': 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {'train/loss', 'train/lr', 'train/prototype', 'eval/KLD', 'epoch/loss'} <= set(
+        tags['scalars'])
+    assert len(tags['images']) == 6  # num_overlays 8, but the test set has 6 images
+    assert [e.step for e in events.Images('overlay/00')] == [1, 2]  # one per evaluation
+    assert [e.value for e in events.Scalars('train/lr')] == pytest.approx([1e-3] * 6)
     state = last_state(out)  # weights_only=True: plain containers and tensors only
     ts = state['train_state']
     assert (ts['epoch'], ts['global_step']) == (2, 6)  # 12 samples / batch 4 = 3 steps x 2
@@ -250,7 +259,7 @@ def test_fit_writes_every_artifact_and_checkpoints_load_weights_only(tiny_root, 
     best = read_checkpoint(out / 'best.pt')
     assert best['extra']['epoch'] == best_epoch and 'train_state' not in best
     assert load_config(ExperimentConfig, out / 'config.yaml') == tiny_cfg(
-        tiny_root, out, 'train.tensorboard=true')
+        tiny_root, out, 'train.tensorboard=true', 'train.log_every=1')
 
 
 def test_select_by_sim_keeps_the_highest(tiny_root, tmp_path):
@@ -391,8 +400,9 @@ def test_feature_cache_is_keyed_by_backbone_and_image_size(tmp_path):
     fp_a = fc.backbone_fingerprint(a, image_size=64)
     assert fp_a == fc.backbone_fingerprint(a, image_size=64)
     assert fp_a['weights_sha1'] != fc.backbone_fingerprint(b, image_size=64)['weights_sha1']
-    roots = {fc.open_feature_cache(tmp_path, ('keys',), fp).root for fp in (
-        fp_a, fc.backbone_fingerprint(b, image_size=64), fc.backbone_fingerprint(a, image_size=96))}
+    fps = (fp_a, fc.backbone_fingerprint(b, image_size=64),
+           fc.backbone_fingerprint(a, image_size=96))
+    roots = {fc.open_feature_cache(tmp_path, ('keys',), fp).root for fp in fps}
     assert len(roots) == 3
 
 
@@ -490,3 +500,30 @@ def test_torchrun_two_processes_on_cpu(tiny_root, tmp_path):
     assert len(state['rng']) == 2
     assert (out / 'best.pt').is_file()
     print(f'torchrun 2x CPU: {time.perf_counter() - t0:.1f} s')
+
+
+def test_resolve_device():
+    from affordance_core.engine.distributed import init_distributed, resolve_device
+    assert resolve_device('cpu') == torch.device('cpu')
+    expected = 'cuda' if torch.cuda.is_available() else 'cpu'
+    assert resolve_device('auto').type == expected
+    with pytest.raises(ValueError, match="bad train.device 'tpu'"):
+        resolve_device('tpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            resolve_device('cuda:0')
+    info = init_distributed('cpu')  # no torchrun variables: a single process, no group
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+
+
+def test_throughput_bench_runs(tiny_root, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_throughput',
+                                                  REPO / 'bench' / 'train_throughput.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(['--data', str(tiny_root), '--steps', '2', '--warmup', '0',
+                       '--batch-size', '4']) == 0
+    out = capsys.readouterr().out
+    assert '| images (backbone every step) |' in out and '| cached features (no backbone) |' in out
+    assert 'cache build: 36 image views' in out  # 3 folders x 6 images x 2 views

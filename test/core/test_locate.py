@@ -330,8 +330,8 @@ def test_locate_imgfocus_shapes():
     m = locate_imgfocus(num_classes=5, pretrained=False)
     assert m.backbone.name == 'dinov2_vits14_imgfocus' and m.backbone.embed_dim == 384
     gen = torch.Generator().manual_seed(0)
-    ego, exo = torch.randn(2, 3, 112, 112, generator=gen), torch.randn(2, 3, 3, 112, 112,
-                                                                        generator=gen)
+    ego = torch.randn(2, 3, 112, 112, generator=gen)
+    exo = torch.randn(2, 3, 3, 112, 112, generator=gen)
     out = m(ego, exo, torch.tensor([1, 4]))
     assert out['ego_cam'].shape == (2, 5, 8, 8) and out['part_proto'].shape == (2, 384)
     assert m.eval().predict(ego, [1, 4]).shape == (2, 112, 112)

@@ -1,4 +1,4 @@
-"""affordance-train end to end on AGD-Synth (tiny) and its user-error contract (exit 2, one line)."""
+"""affordance-train end to end on AGD-Synth (tiny); user errors exit 2 with one stderr line."""
 from __future__ import annotations
 
 from pathlib import Path
