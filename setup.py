@@ -10,6 +10,8 @@ CONSOLE_SCRIPTS = [
     'affordance-synth = affordance_core.cli.synth:main',
     'affordance-train = affordance_core.cli.train:main',
     'affordance-eval = affordance_core.cli.evaluate:main',
+    'affordance-export = affordance_core.cli.export:main',
+    'affordance-ground = affordance_core.cli.ground:main',
 ]
 
 setup(

@@ -17,8 +17,9 @@ Layout written under ``out_dir`` (``methods.md`` §1.1)::
 Image kinds:
 
 * **egocentric** (train and test): the object alone at a random, off-centre position, scale,
-  rotation and mirror, with per-instance colours and part proportions, on a varied background
-  (gradients, stripes, tiles, wood, noise, wall/table) with clutter blobs and a drop shadow.
+  rotation and mirror, with per-instance colours and part proportions, on a plain 'product
+  photo' gradient or a toned-down texture (stripes, tiles, wood, noise, wall/table), with a few
+  distractor shapes and a drop shadow.
 * **exocentric**: the same category held by a hand (skin tone, size and pose vary; palm + four
   fingers + thumb, arm and sleeve entering from an image border) plus an affordance cue at the
   affordance part, see :data:`EXO_CUES`.
@@ -85,7 +86,7 @@ EXO_CUES: dict[str, str] = {
     'hold': 'a hand grasps the hold part (fingers across it, palm and arm behind)',
     'cut_with': 'hand on the grip; the blade(s) rest in food on a board / a paper sheet / a log',
     'stick': 'hand on the handle; the tines / tip pierce a piece of food',
-    'drink_with': 'object tilted towards a face whose lips touch the rim / mouth; hand on the grip',
+    'drink_with': 'object tilted towards a face whose lips touch the rim / mouth; hand on grip',
     'pour': 'object tilted down, a liquid stream leaves the rim / neck into a receptacle',
     'hit': 'hand on the grip; the head strikes a nail in a board / a ball, with impact lines',
     'swing': 'hand on the handle; ghosted copies and motion arcs around the grip',
@@ -1047,7 +1048,37 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _clutter(canvas: np.ndarray, rng: np.random.Generator, n: int) -> None:
+_EGO_PLAIN_P = 0.45            # share of plain 'product photo' egocentric backdrops
+_EGO_CONTRAST = (0.35, 0.9)    # contrast kept from the textured backdrops
+_EGO_SCALE = (0.42, 0.78)      # object height / shorter image side (egocentric)
+
+
+def _ego_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Egocentric backdrop: often a plain 'product photo' gradient, else a toned-down texture.
+
+    Both come with a few distractor shapes; contrast is lower than in exocentric scenes, as in
+    AGD20K where egocentric images are mostly object-centric photos.
+    """
+    if rng.random() < _EGO_PLAIN_P:
+        hue = rng.random()
+        c1 = np.asarray(_hsv(hue, rng.uniform(0, 0.25), rng.uniform(0.72, 1.0)), np.float32)
+        c2 = np.asarray(_hsv(hue + rng.uniform(-0.1, 0.1), rng.uniform(0, 0.3),
+                             rng.uniform(0.5, 0.95)), np.float32)
+        t = (np.arange(h, dtype=np.float32) / h) ** np.float32(rng.uniform(0.5, 2.0))
+        img = np.broadcast_to((c1 + (c2 - c1) * t[:, None])[:, None, :], (h, w, 3))
+        canvas = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        _clutter(canvas, rng, int(rng.integers(0, 3)), alpha=(0.2, 0.6))
+    else:
+        img = _background(rng, h, w).astype(np.float32)
+        mean = img.mean((0, 1))
+        img = mean + (img - mean) * np.float32(rng.uniform(*_EGO_CONTRAST))
+        canvas = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        _clutter(canvas, rng, int(rng.integers(0, 5)), alpha=(0.3, 0.9))
+    return canvas
+
+
+def _clutter(canvas: np.ndarray, rng: np.random.Generator, n: int,
+             alpha: tuple[float, float] = (0.35, 1.0)) -> None:
     """Draw ``n`` random distractor shapes (ellipses, boxes, polygons, strokes, soft blobs)."""
     h, w = canvas.shape[:2]
     dim = min(h, w)
@@ -1075,7 +1106,7 @@ def _clutter(canvas: np.ndarray, rng: np.random.Generator, n: int) -> None:
             cv2.line(layer, (int(cx), int(cy)), (int(p2[0]), int(p2[1])), col,
                      int(rng.integers(2, 9)), cv2.LINE_AA)
         else:                                      # soft blob, blurred in its own box
-            a = rng.uniform(0.35, 1.0)
+            a = rng.uniform(*alpha)
             r = int(size * 1.9) + 2
             x0, y0 = max(0, int(cx) - r), max(0, int(cy) - r)
             x1, y1 = min(w, int(cx) + r + 1), min(h, int(cy) + r + 1)
@@ -1088,7 +1119,7 @@ def _clutter(canvas: np.ndarray, rng: np.random.Generator, n: int) -> None:
             canvas[y0:y1, x0:x1] = (reg + (np.asarray(col, np.float32) - reg) * m + 0.5).astype(
                 np.uint8)
             continue
-        a = rng.uniform(0.35, 1.0)
+        a = rng.uniform(*alpha)
         cv2.addWeighted(layer, a, canvas, 1 - a, 0, dst=canvas)
 
 
@@ -1510,14 +1541,13 @@ def gt_heatmap(region: np.ndarray) -> np.ndarray:
 
 def _render_ego(rng: np.random.Generator, spec: SampleSpec) -> SynthSample:
     h, w = _sample_size(rng)
-    canvas = _background(rng, h, w)
-    _clutter(canvas, rng, int(rng.integers(0, 7)))
+    canvas = _ego_background(rng, h, w)
     if rng.random() < 0.4:
         canvas = cv2.GaussianBlur(canvas, (0, 0), rng.uniform(0.6, 2.0))
     model = build_object(spec.obj, rng)
     region_name = AFFORDANCE_PARTS[spec.obj][spec.affordance]
     for _ in range(4):
-        scale = rng.uniform(0.38, 0.72) * min(h, w)
+        scale = rng.uniform(*_EGO_SCALE) * min(h, w)
         pose = _place(rng, model, h, w, scale, _ego_angle(rng, spec.obj), bool(rng.random() < 0.5))
         if rng.random() < 0.6:
             _shadow(canvas, model, pose, rng)
@@ -1525,7 +1555,7 @@ def _render_ego(rng: np.random.Generator, spec: SampleSpec) -> SynthSample:
         part = rend.region(region_name)
         if part.sum() >= 12:
             break
-        canvas = _background(rng, h, w)
+        canvas = _ego_background(rng, h, w)
     img = _finish(canvas, rng)
     gt = gt_heatmap(part) if spec.role == 'test' else None
     return SynthSample(spec, img, rend.mask, part, np.zeros((h, w), bool), gt)
@@ -1573,8 +1603,9 @@ def _render_exo(rng: np.random.Generator, spec: SampleSpec) -> SynthSample:
         if obj == 'scissors':
             paper = _prop_box(rng, _rand_color(rng, (0.0, 0.4), (0.75, 1.0)), rng.uniform(0.6, 1))
             pp = act['p'] - act['d'] * act['half_len'] * 0.9
-            render_object(canvas, paper, Pose(pp[0], pp[1], act['half_len'] * 1.8,
-                                               angle + rng.uniform(-30, 30)), masks=False)
+            render_object(canvas, paper,
+                          Pose(pp[0], pp[1], act['half_len'] * 1.8, angle + rng.uniform(-30, 30)),
+                          masks=False)
             q0 = act['p'] + act['d'] * act['half_len'] * 0.3
             q1 = act['p'] - act['d'] * act['half_len'] * 2.0
             cv2.line(canvas, (int(q0[0] * 16), int(q0[1] * 16)),

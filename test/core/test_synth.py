@@ -79,7 +79,8 @@ def test_layout_uses_official_names_and_counts(tiny):
         assert sorted(p.name for p in (base / 'testset').iterdir()) == ['GT', 'egocentric']
         for sub, n, ext in (('trainset/exocentric', n_exo, '.jpg'),
                             ('trainset/egocentric', n_ego, '.jpg'),
-                            ('testset/egocentric', n_test, '.jpg'), ('testset/GT', n_test, '.png')):
+                            ('testset/egocentric', n_test, '.jpg'),
+                            ('testset/GT', n_test, '.png')):
             folders = sorted((base / sub).glob('*/*'))
             assert folders, f'{split}/{sub} is empty'
             for f in folders:
