@@ -53,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_root = out / 'agd_synth'
     meta_path = data_root / 'synth_meta.json'
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if str(meta.get('size')) != str(args.size) or meta.get('seed') != args.seed:
+    from affordance_core.data.synth import GENERATOR_VERSION
+    reusable = (meta.get('complete') and meta.get('version') == GENERATOR_VERSION
+                and str(meta.get('size')) == str(args.size) and meta.get('seed') == args.seed)
+    if not reusable:
         print(f'[demo] generating AGD-Synth ({args.size}, seed {args.seed}) in {data_root}')
         generate(data_root, size=args.size if not args.size.isdigit() else int(args.size),
                  seed=args.seed, progress=progress)

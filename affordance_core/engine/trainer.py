@@ -488,7 +488,11 @@ class Trainer:
         cfg = self.cfg
         self.task.train()
         use_cache = self.train_cache is not None
-        dataset = self.keys_set if use_cache and epoch > 0 else self.train_set
+        # keys only (no decoding, no backbone) once every view is cached: after the first epoch,
+        # or from the start when an on-disk cache of the same backbone and data is complete
+        keys_only = use_cache and (epoch > 0 or not self.train_cache.missing(
+            self.train_set.image_keys()))
+        dataset = self.keys_set if keys_only else self.train_set
         loader = self._loader(dataset, epoch)
         steps = len(loader)
         if cfg.train.max_steps_per_epoch:

@@ -459,6 +459,18 @@ def test_cache_epochs_never_run_the_backbone_also_after_resume(tiny_root, tmp_pa
     resumed.fit(resume=True)  # the on-disk cache is reused: no backbone pass at all
     assert more == []
 
+    # a fresh run over the same data and backbone with the complete on-disk cache: the first
+    # epoch reads keys only and never decodes an image nor runs the backbone
+    fresh_out = tmp_path / 'fresh'
+    shutil.copytree(out / 'feature_cache', fresh_out / 'feature_cache')
+    fresh = Trainer(tiny_cfg(tiny_root, fresh_out, 'train.cache_features=true',
+                             'train.epochs=1'), progress=False)
+    fresh_calls: list[int] = []
+    fresh.model.backbone.register_forward_hook(lambda *a: fresh_calls.append(1))
+    fresh.fit()
+    assert fresh_calls == []
+    assert last_state(fresh_out)['train_state']['history'][0]['backbone_images'] == 0
+
 
 def test_cached_evaluation_matches_evaluate_model(tiny_root, tmp_path):
     from affordance_core.engine.evaluation import evaluate_model
