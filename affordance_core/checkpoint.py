@@ -13,6 +13,7 @@ Writes are atomic (temporary file + ``os.replace``): a kill never leaves a half-
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,15 @@ def _atomic_write(path: str | Path, write: Any, mode: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

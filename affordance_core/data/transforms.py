@@ -14,7 +14,7 @@ so that datasets can make every draw a function of (seed, epoch, index).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -144,6 +144,24 @@ def view_transform(view: int, image_size: int = 224) -> Callable[[Image.Image], 
     raise ValueError(f'view must be 0 (plain) or 1 (horizontal flip), got {view!r}')
 
 
+def check_rgb(rgb: Any, error: type[Exception] = ValueError) -> np.ndarray:
+    """Validate an RGB frame: a non-empty (H, W, 3) uint8 numpy array; raise ``error`` if not.
+
+    Shared by ``preprocess_rgb`` and the inference pipeline (which raises its ``InputError``).
+    """
+    if not isinstance(rgb, np.ndarray):
+        raise error(f'rgb must be a numpy array (H, W, 3) uint8, got {type(rgb).__name__}')
+    if rgb.dtype != np.uint8:
+        raise error(f'rgb must have dtype uint8 (0..255), got {rgb.dtype}; '
+                    'convert with (img * 255).round().astype(np.uint8) if it is in [0, 1]')
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise error(f'rgb must have shape (H, W, 3) in RGB order, got {tuple(rgb.shape)}; '
+                    'drop the alpha channel or stack grey images to 3 channels')
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise error(f'rgb is empty: shape {tuple(rgb.shape)}')
+    return rgb
+
+
 def preprocess_rgb(rgb: np.ndarray, image_size: int = 224) -> Tensor:
     """Preprocess an RGB camera frame exactly like :func:`test_transform` does a PIL image.
 
@@ -157,15 +175,6 @@ def preprocess_rgb(rgb: np.ndarray, image_size: int = 224) -> Tensor:
     Raises:
         ValueError: if ``rgb`` is not a non-empty (H, W, 3) uint8 array.
     """
-    if not isinstance(rgb, np.ndarray):
-        raise ValueError(f'rgb must be a numpy array (H, W, 3) uint8, got {type(rgb).__name__}')
-    if rgb.dtype != np.uint8:
-        raise ValueError(f'rgb must have dtype uint8 (0..255), got {rgb.dtype}; '
-                         'convert with (img * 255).round().astype(np.uint8) if it is in [0, 1]')
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f'rgb must have shape (H, W, 3), got {tuple(rgb.shape)}; '
-                         'drop the alpha channel or stack grey images to 3 channels')
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f'rgb is empty: shape {tuple(rgb.shape)}')
+    check_rgb(rgb)
     img = Image.fromarray(np.ascontiguousarray(rgb))  # (H, W, 3) uint8 -> 'RGB'
     return test_transform(image_size)(img)

@@ -21,13 +21,13 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from affordance_core.checkpoint import file_sha256
 from affordance_core.models.layers import minmax_2d
 
 __all__ = ['ExportWrapper', 'ModelMetadata', 'model_metadata', 'state_dict_sha256', 'file_sha256',
@@ -203,15 +203,6 @@ def state_dict_sha256(model: nn.Module) -> str:
         t = value.detach().cpu().contiguous().reshape(-1)
         digest.update(f'{key}|{t.dtype}|{tuple(value.shape)}|'.encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

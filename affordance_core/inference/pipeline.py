@@ -43,6 +43,7 @@ from transforms3d.quaternions import quat2mat
 from affordance_core.inference import geometry as geo
 from affordance_core.inference.geometry import InputError
 from affordance_core.inference.grasps import GraspPoint, find_grasp_points
+from affordance_core.data.transforms import check_rgb
 from affordance_core.labels import class_id
 
 logger = logging.getLogger(__name__)
@@ -269,17 +270,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 def _check_rgb(rgb: Any) -> np.ndarray:
-    if not isinstance(rgb, np.ndarray):
-        raise InputError(f'rgb must be a numpy array (H, W, 3) uint8, got {type(rgb).__name__}')
-    if rgb.dtype != np.uint8:
-        raise InputError(f'rgb must have dtype uint8 (0..255), got {rgb.dtype}; convert with '
-                         '(img * 255).round().astype(np.uint8) if it is float in [0, 1]')
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise InputError(f'rgb must have shape (H, W, 3) in RGB order, got {tuple(rgb.shape)}; '
-                         'drop the alpha channel or stack grey images to 3 channels')
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise InputError(f'rgb is empty: shape {tuple(rgb.shape)}')
-    return rgb
+    return check_rgb(rgb, InputError)
 
 
 def _subsample(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

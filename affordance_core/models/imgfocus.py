@@ -19,7 +19,6 @@ needs albumentations, which a ``--no-deps`` install lacks); the file is located 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from affordance_core.checkpoint import atomic_torch_save
+from affordance_core.checkpoint import atomic_torch_save, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +100,6 @@ def default_cache_dir() -> Path:
     """``$AFFORDANCE_CACHE_DIR`` if set, else ``~/.cache/affordance_ros``."""
     env = os.environ.get('AFFORDANCE_CACHE_DIR')
     return Path(env).expanduser() if env else Path.home() / '.cache' / 'affordance_ros'
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_onnx(path: str | Path) -> dict[str, torch.Tensor]:
