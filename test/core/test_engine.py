@@ -55,13 +55,7 @@ def make_tiny_agd(root: Path, n_exo: int = 4, n_ego: int = 2, n_test: int = 2,
     return root
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The tiny models are dominated by thread start-up on a busy machine: 3x faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('torch_one_thread')
 
 
 @pytest.fixture(scope='module')

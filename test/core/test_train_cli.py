@@ -12,12 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'training' / 'configs'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('torch_one_thread')
 
 
 @pytest.fixture(scope='module')
