@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from affordance_core.cli import user_error
+
 PROG = 'affordance-eval'
 
 
@@ -110,9 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(dataset) == 0:
             raise ValueError(f'no test images with GT found for split {args.split} under {root}')
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        msg = ' '.join(str(exc).split())
-        print(f'{PROG}: error: {msg}', file=sys.stderr)
-        return 2
+        return user_error(PROG, exc)
 
     results = {}
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers,

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from affordance_core.cli import user_error
+
 PROG = 'affordance-export'
 FORMATS = ('onnx', 'tensorrt')
 
@@ -50,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    print(f'{PROG}: error: {message}', file=sys.stderr)
-    return 2
+    return user_error(PROG, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

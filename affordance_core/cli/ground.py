@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from affordance_core.cli import user_error
+
 PROG = 'affordance-ground'
 APPROACH_ARROW_M = 0.10  # length of the drawn approach arrow before projection (metres)
 
@@ -243,8 +245,7 @@ def draw_grasps(rgb: np.ndarray, heatmap: np.ndarray, grasps: Sequence[Any],
 
 
 def _fail(msg: Any) -> int:
-    print(f'{PROG}: error: {" ".join(str(msg).split())}', file=sys.stderr)
-    return 2
+    return user_error(PROG, msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,8 @@ import logging
 import sys
 from typing import NoReturn, Sequence
 
+from affordance_core.cli import user_error
+
 PROG = 'affordance-synth'
 
 
@@ -106,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as e:
-        print(f'{PROG}: error: {e}', file=sys.stderr)
-        return 2
+        return user_error(PROG, e)
     except _Exit as e:
         return e.status
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
@@ -131,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.strerror else (
             f"{e.strerror}: '{e.filename}'" if e.filename else e.strerror)
-        print(f'{PROG}: error: {msg}', file=sys.stderr)
-        return 2
+        return user_error(PROG, msg)
     if not args.quiet:
         for split in args.splits:
             c = counts[split]

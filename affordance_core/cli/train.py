@@ -23,6 +23,8 @@ import textwrap
 import typing
 from typing import Any, Sequence
 
+from affordance_core.cli import user_error
+
 PROG = 'affordance-train'
 
 
@@ -90,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    text = ' '.join(str(message).split())  # one line, whatever the exception held
-    print(f'{PROG}: error: {text}', file=sys.stderr)
-    return 2
+    return user_error(PROG, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ A failing choice is logged and the next one is tried.
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import logging
 import os
@@ -92,7 +93,7 @@ def _onnxruntime_available() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Interface
 # ----------------------------------------------------------------------------------------------
-class Backend:
+class Backend(abc.ABC):
     """Common interface: ``backend(images) -> (cams, maps)`` as numpy arrays.
 
     Attributes:
@@ -155,8 +156,9 @@ class Backend:
                              f'data.transforms.preprocess_rgb')
         return np.ascontiguousarray(images, dtype=np.float32)
 
+    @abc.abstractmethod
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """Backend-specific inference on validated (B, 3, S, S) float32 images."""
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Heatmaps of every class.
