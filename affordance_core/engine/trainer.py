@@ -462,6 +462,9 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self._base_lr()
         stats = self._train_epoch(epoch)
+        hook = getattr(getattr(self.model, 'module', self.model), 'epoch_end', None)
+        if callable(hook):  # per-method end-of-epoch step (e.g. C2AM's polarity check)
+            hook(epoch)
         if self.scheduler is not None:
             self.scheduler.step()
         self._complete_train_cache(epoch)
@@ -630,7 +633,7 @@ class Trainer:
             return None
         model = getattr(self.model, 'module', self.model)
         t0 = time.perf_counter()
-        if self.test_cache is not None:
+        if self.test_cache is not None and getattr(model, 'predicts_from_features', True):
             result = self._evaluate_cached(model)
         else:
             from affordance_core.engine.evaluation import evaluate_model
@@ -699,8 +702,7 @@ class Trainer:
                 labels = torch.tensor(self._test_labels[i:i + bs], dtype=torch.long,
                                       device=self.device)
                 feats = BackboneOutput.from_dict(self.test_cache.get(keys, self.device))
-                cams = model.cams(feats=feats)
-                raw = cams[torch.arange(len(keys), device=self.device), labels]
+                raw = model.predict_raw(None, labels, feats=feats)
                 gts = self.gt_cache.get(keys)['gt'].numpy()
                 evaluator.process(raw.float().cpu(), gts, labels.cpu(), keys)
         finally:
@@ -726,10 +728,11 @@ class Trainer:
                 image = item['image']
                 label = torch.tensor([item['label']], device=self.device)
                 with torch.no_grad():
-                    if self.test_cache is not None and item['key'] in self.test_cache:
+                    if self.test_cache is not None and item['key'] in self.test_cache \
+                            and getattr(model, 'predicts_from_features', True):
                         feats = BackboneOutput.from_dict(
                             self.test_cache.get([item['key']], self.device))
-                        raw = model.cams(feats=feats)[:, item['label']]
+                        raw = model.predict_raw(None, label, feats=feats)
                     else:
                         raw = model.predict_raw(image[None].to(self.device), label)
                 pred = normalize_map(raw[0].float().cpu().numpy(), 224)

@@ -25,16 +25,15 @@ Differences from the reference:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from affordance_core.models.backbone import FrozenViT, create_backbone
-from affordance_core.models.layers import (ConvBranch, ResidualMlp, dino_saliency,
-                                           gather_class_maps, minmax_2d)
+from affordance_core.models.base import AffordanceModel
+from affordance_core.models.layers import ConvBranch, ResidualMlp, dino_saliency, minmax_2d
 from affordance_core.ops.kmeans import kmeans
 from affordance_core.registry import register_model
 
@@ -112,16 +111,7 @@ def part_select(ego_keys: Tensor, sam_hard: Tensor, exo_keys: Tensor, exo_cam: T
             'num_desc': select.sum(1)}
 
 
-def _field(feats: Any, name: str) -> Tensor:
-    """A field of a BackboneOutput or of a mapping of precomputed features."""
-    value = feats.get(name) if isinstance(feats, Mapping) else getattr(feats, name, None)
-    if value is None:
-        raise ValueError(f"precomputed features lack the field '{name}' "
-                         f"(LOCATE needs {Locate.feature_fields})")
-    return value
-
-
-class Locate(nn.Module):
+class Locate(AffordanceModel):
     """LOCATE head on a frozen ViT: residual MLP, exo/ego conv branches, shared CAM classifier.
 
     Args:
@@ -149,21 +139,10 @@ class Locate(nn.Module):
                  pretrained: bool = True, aff_cam_thd: float = 0.6, part_iou_thd: float = 0.6,
                  num_clusters: int = 3, cel_margin: float = 0.5, kmeans_iters: int = 300,
                  seed: int = 0) -> None:
-        super().__init__()
-        if classes is not None:
-            classes = tuple(str(c) for c in classes)
-            if num_classes is None:
-                num_classes = len(classes)
-            elif num_classes != len(classes):
-                raise ValueError(f'num_classes={num_classes} but {len(classes)} class names '
-                                 f'were given; pass matching values or omit num_classes')
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f'Locate needs num_classes >= 1 (or a class list), got {num_classes}')
+        super().__init__(num_classes, classes, backbone, backbone_weights, pretrained)
         if num_clusters < 1 or kmeans_iters < 1:
             raise ValueError(f'num_clusters and kmeans_iters must be >= 1, '
                              f'got {num_clusters}, {kmeans_iters}')
-        self.classes = classes
-        self.num_classes = int(num_classes)
         self.aff_cam_thd = float(aff_cam_thd)
         self.part_iou_thd = float(part_iou_thd)
         self.num_clusters = int(num_clusters)
@@ -172,41 +151,13 @@ class Locate(nn.Module):
         self.seed = int(seed)
         self.kmeans_generator = torch.Generator().manual_seed(self.seed)
 
-        self.backbone: FrozenViT = create_backbone(backbone, pretrained=pretrained,
-                                                   weights=backbone_weights)
         dim = self.backbone.embed_dim
         self.aff_proj = ResidualMlp(dim, ratio=4)
         self.aff_exo_proj = ConvBranch(dim)
         self.aff_ego_proj = ConvBranch(dim)
         self.aff_fc = nn.Conv2d(dim, self.num_classes, kernel_size=1)
-        self.backbone.eval()
 
     # ------------------------------------------------------------------ helpers
-    def train(self, mode: bool = True) -> Locate:
-        """Set the head's mode; the frozen backbone always stays in eval mode."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def _features(self, images: Tensor | None, feats: Any, what: str,
-                  need_attn: bool = True) -> tuple[Tensor, Tensor | None]:
-        """(keys (B, D, h, w), cls_attn (B, heads, h, w) or None) from images or features."""
-        if feats is None:
-            if images is None:
-                raise ValueError(f'Locate needs {what} images or precomputed {what}_feats')
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f'{what} images must have shape (B, 3, H, W), '
-                                 f'got {tuple(images.shape)}')
-            with torch.no_grad():
-                feats = self.backbone(images)
-        keys = _field(feats, 'keys')
-        attn = _field(feats, 'cls_attn').detach() if need_attn else None
-        if keys.dim() != 4 or keys.shape[1] != self.backbone.embed_dim:
-            raise ValueError(f'{what} keys must have shape (B, {self.backbone.embed_dim}, h, w), '
-                             f'got {tuple(keys.shape)}')
-        dtype = self.aff_fc.weight.dtype
-        return keys.detach().to(dtype), attn
-
     def _project(self, keys: Tensor) -> Tensor:
         """Residual MLP per token: (B, D, h, w) -> (B, D, h, w)."""
         return self.aff_proj(keys.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -229,23 +180,13 @@ class Locate(nn.Module):
             'part_valid' (B,) bool, 'part_score' (B, K), 'ego_sam' (B, h, w) saliency map,
             'cel_margin' () the prototype-loss margin.
         """
-        if exo is not None and exo_feats is None:
-            if exo.dim() != 5:
-                raise ValueError(f'exo images must have shape (B, N, 3, H, W), '
-                                 f'got {tuple(exo.shape)}')
-            exo = exo.flatten(0, 1)
-        ego_keys, ego_attn = self._features(ego, ego_feats, 'ego')
-        exo_keys, _ = self._features(exo, exo_feats, 'exo', need_attn=False)  # keys only
+        exo = self.flatten_exo(exo, exo_feats)
+        ego = self.features(ego, ego_feats, 'ego', ('keys', 'cls_attn'))
+        ego_keys, ego_attn = ego['keys'], ego['cls_attn']
+        exo_keys = self.features(exo, exo_feats, 'exo')['keys']
         b = ego_keys.shape[0]
-        if exo_keys.shape[0] % b != 0 or exo_keys.shape[0] == 0:
-            raise ValueError(f'{exo_keys.shape[0]} exo feature rows do not split into {b} '
-                             f'samples; exo features must be (B*N, ...) sample-major')
-        n = exo_keys.shape[0] // b
-        labels = torch.as_tensor(labels, device=ego_keys.device).long()
-        if labels.shape != (b,):
-            raise ValueError(f'labels must have shape ({b},), got {tuple(labels.shape)}')
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f'labels must lie in [0, {self.num_classes}), got {labels.tolist()}')
+        n = self.num_exo(exo_keys.shape[0], b)
+        labels = self.check_labels(labels, b, ego_keys.device)
 
         if ego_keys.shape[1:] == exo_keys.shape[1:]:  # one MLP pass for both views
             proj = self._project(torch.cat([ego_keys, exo_keys], 0))
@@ -289,41 +230,8 @@ class Locate(nn.Module):
             images: (B, 3, H, W) ImageNet-normalised images (or None with ``feats``).
             feats: precomputed ``BackboneOutput`` (or mapping with ``keys``).
         """
-        keys, _ = self._features(images, feats, 'ego', need_attn=False)
+        keys = self.features(images, feats, 'ego')['keys']
         return self.aff_fc(self.aff_ego_proj(self._project(keys)))
-
-    def _class_ids(self, class_ids: Any, batch: int, device: torch.device) -> Tensor:
-        ids = torch.as_tensor(class_ids, device=device).long().reshape(-1)
-        if ids.numel() == 1 and batch > 1:
-            ids = ids.expand(batch)
-        if ids.shape != (batch,):
-            raise ValueError(f'class_ids must hold one id per image ({batch}), '
-                             f'got {tuple(ids.shape)}')
-        if bool(((ids < 0) | (ids >= self.num_classes)).any()):
-            raise ValueError(f'class_ids must lie in [0, {self.num_classes}), got {ids.tolist()}')
-        return ids
-
-    @torch.no_grad()
-    def predict_raw(self, images: Tensor, class_ids: Any) -> Tensor:
-        """Raw CAM (B, h, w) of the asked class of every image (reference ``test_forward``)."""
-        cam = self.cams(images)
-        return gather_class_maps(cam, self._class_ids(class_ids, cam.shape[0], cam.device))
-
-    @torch.no_grad()
-    def predict(self, images: Tensor, class_ids: Any) -> Tensor:
-        """Heatmaps (B, H, W) in [0, 1]: raw CAM -> bilinear to the input size -> min-max.
-
-        Mirrors ``metrics.postprocess.normalize_map`` (denominator max - min + 1e-10). Call
-        ``model.eval()`` first (the conv branches hold BatchNorm).
-
-        Args:
-            images: (B, 3, H, W) ImageNet-normalised images.
-            class_ids: (B,) class ids (an int applies to every image).
-        """
-        raw = self.predict_raw(images, class_ids)
-        up = F.interpolate(raw.unsqueeze(1), size=images.shape[-2:], mode='bilinear',
-                           align_corners=False).squeeze(1)
-        return minmax_2d(up, eps=1e-10)
 
 
 def _create(**kwargs: Any) -> Locate:
