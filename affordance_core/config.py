@@ -62,9 +62,10 @@ class OptimConfig:
     weight_decay: float = 5e-4
     fc_lr_mult: float = 10.0          # parameters whose name contains 'fc' (official quirk)
     bias_lr_mult: float = 2.0         # biases train at 2x the lr of their weights
-    scheduler: str = 'step'           # step | none
+    scheduler: str = 'step'           # step | poly | none
     step_size: int = 5                # epochs (StepLR)
     gamma: float = 0.1
+    power: float = 0.9                # scheduler 'poly' (C2AM)
 
 
 @dataclass

@@ -15,7 +15,14 @@ the classifier ``aff_fc``. A parameter is a bias when the last component of its 
 Frozen parameters (``requires_grad=False``, e.g. the backbone) are left out: SGD would skip them
 anyway because they never receive a gradient.
 
-The schedule is ``StepLR(step_size, gamma)`` stepped once per epoch, or none.
+A method can change the rule for some of its parameters with a method
+``lr_mult_override(name) -> float | None`` (None: the rule above applies; 0: the parameter is not
+optimised). WSMA uses it for its CLIP text tower (2x lr), C2AM to leave BatchNorm affine
+parameters out, as their official optimizers do.
+
+The schedule is ``StepLR(step_size, gamma)`` or the polynomial decay
+``lr = base * (1 - epoch / epochs) ** power`` (C2AM's PolyOptimizer, applied per epoch instead of
+per iteration), stepped once per epoch, or none.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ __all__ = ['SCHEDULERS', 'build_optimizer', 'build_scheduler', 'param_groups', '
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS: tuple[str, ...] = ('step', 'none')
+SCHEDULERS: tuple[str, ...] = ('step', 'poly', 'none')
 
 
 def lr_multiplier(name: str, cfg: OptimConfig) -> float:
@@ -67,14 +74,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """
     model = getattr(model, 'module', model)
     order = ('weight', 'bias', 'fc_weight', 'fc_bias')
+    override = getattr(model, 'lr_mult_override', None)
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_fc = 'fc' in name
-        is_bias = name.rsplit('.', 1)[-1] == 'bias'
-        key = ('fc_' if is_fc else '') + ('bias' if is_bias else 'weight')
-        mult = lr_multiplier(name, cfg)
+        special = override(name) if callable(override) else None
+        if special is not None:
+            if special == 0:
+                continue
+            mult = float(special)
+            key = f'x{mult:g}'
+            if key not in order:
+                order = (*order, key)
+        else:
+            is_fc = 'fc' in name
+            is_bias = name.rsplit('.', 1)[-1] == 'bias'
+            key = ('fc_' if is_fc else '') + ('bias' if is_bias else 'weight')
+            mult = lr_multiplier(name, cfg)
         group = groups.setdefault(key, {'params': [], 'names': [], 'lr': cfg.lr * mult,
                                         'lr_mult': mult, 'group': key})
         group['params'].append(param)
@@ -114,17 +131,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
                            weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer,
-                    cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    epochs: int = 0) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-epoch learning-rate schedule.
 
     Args:
         optimizer: from :func:`build_optimizer`.
-        cfg: ``ExperimentConfig.optim`` (``scheduler``, ``step_size``, ``gamma``).
+        cfg: ``ExperimentConfig.optim`` (``scheduler``, ``step_size``, ``gamma``, ``power``).
+        epochs: training length, needed by ``'poly'``.
 
     Returns:
-        ``StepLR(step_size, gamma)`` for ``scheduler='step'`` (call ``.step()`` once at the end of
-        each epoch), ``None`` for ``'none'``.
+        ``StepLR(step_size, gamma)`` for ``scheduler='step'``, ``PolynomialLR(epochs, power)``
+        for ``'poly'`` (call ``.step()`` once at the end of each epoch), ``None`` for
+        ``'none'``.
 
     Raises:
         ValueError: unknown scheduler name or a non-positive step size.
@@ -137,5 +156,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
                              f'got {cfg.step_size}')
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size,
                                                gamma=cfg.gamma)
+    if cfg.scheduler == 'poly':
+        if epochs <= 0:
+            raise ValueError(f"optim.scheduler 'poly' needs the number of epochs, got {epochs}")
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs,
+                                                     power=cfg.power)
     raise ValueError(f"unknown optim.scheduler '{cfg.scheduler}'; expected one of "
                      f"{', '.join(SCHEDULERS)}")

@@ -175,7 +175,7 @@ class Trainer:
                              'no feature_fields; set train.cache_features=false')
         self.task = AffordanceTask(self.model, cfg.losses)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
         self.use_amp = bool(cfg.train.amp) and self.device.type == 'cuda'
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.use_amp)
         self.train_module: nn.Module = self.task
