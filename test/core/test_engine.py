@@ -169,8 +169,33 @@ def test_step_lr_per_epoch():
     assert [fc_bias[e] for e in (0, 5, 10)] == pytest.approx([2e-2, 2e-3, 2e-4])
     assert build_scheduler(opt, OptimConfig(scheduler='none')) is None
     with pytest.raises(ValueError, match='unknown optim.scheduler .cosine.; expected one of '
-                                         'step, none'):
+                                         'step, poly, none'):
         build_scheduler(opt, OptimConfig(scheduler='cosine'))
+
+
+def test_poly_schedule_and_lr_override():
+    """C2AM's polynomial decay per epoch, and a method's lr_mult_override (0 = not optimised)."""
+    class Net(_Named):
+        def lr_mult_override(self, name):
+            if name.startswith('aff_proj.norm'):
+                return 0
+            return 2.0 if name == 'aff_ego_proj.weight' else None
+
+    net = Net()
+    opt = build_optimizer(net, OptimConfig(lr=1e-3, scheduler='poly'))
+    names = {n for g in opt.param_groups for n in g['names']}
+    assert not any(n.startswith('aff_proj.norm') for n in names)
+    special = [g for g in opt.param_groups if g['group'] == 'x2']
+    assert len(special) == 1 and special[0]['names'] == ['aff_ego_proj.weight']
+    assert special[0]['lr'] == pytest.approx(2e-3)
+    sched = build_scheduler(opt, OptimConfig(lr=1e-3, scheduler='poly', power=0.9), epochs=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]['lr'])
+        sched.step()
+    assert lrs == pytest.approx([1e-3 * (1 - e / 4) ** 0.9 for e in range(4)])
+    with pytest.raises(ValueError, match='needs the number of epochs'):
+        build_scheduler(opt, OptimConfig(scheduler='poly'))
 
 
 # ---------------------------------------------------------------------------------------------
