@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ['ResidualMlp', 'ConvBranch', 'minmax_2d', 'dino_saliency', 'gather_class_maps',
-           'SALIENCY_HEADS']
+           'SALIENCY_HEADS', 'key_channel_perm', 'permute_key_channels']
 
 # CLS-attention heads of the last DINO ViT-S/16 block used for LOCATE's saliency map (§3.1).
 SALIENCY_HEADS = (0, 1, 3)
@@ -109,3 +109,41 @@ def gather_class_maps(maps: Tensor, class_ids: Tensor) -> Tensor:
                          f'got {tuple(class_ids.shape)}')
     idx = class_ids.to(device=maps.device, dtype=torch.long)
     return maps[torch.arange(maps.shape[0], device=maps.device), idx]
+
+
+def key_channel_perm(dim: int, num_heads: int) -> Tensor:
+    """Index map between our head-major key channels and the reference's d-major ones.
+
+    Ours: channel ``head * hd + d``; the official repositories: ``d * heads + head`` (methods.md
+    §0.2), with ``hd = dim // num_heads``. ``perm[j]`` is our channel that the official channel
+    ``j`` holds, so ``ours[..., perm]`` is in the official order and
+    ``official[..., perm.argsort()]`` in ours.
+    """
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f'dim {dim} is not a multiple of num_heads {num_heads}')
+    hd = dim // num_heads
+    j = torch.arange(dim)
+    return (j % num_heads) * hd + j // num_heads
+
+
+def permute_key_channels(t: Tensor, axis: int, num_heads: int, to_official: bool,
+                         span: int | None = None, offset: int = 0) -> Tensor:
+    """Reorder the DINO-key channel axis of a weight between our order and the official one.
+
+    Args:
+        t: a weight whose ``axis`` indexes key channels (e.g. the input axis of a Linear / conv
+            that reads keys, or a LayerNorm over keys).
+        axis: the key-channel axis.
+        num_heads: backbone heads (6 for ViT-S).
+        to_official: ours -> official (True) or official -> ours (False).
+        span: width of the key block on ``axis`` (default: the whole axis); ``offset`` its start,
+            for weights that read a concatenation of several key maps (WSMA: 2 x 384).
+    """
+    size = t.shape[axis]
+    span = size - offset if span is None else span
+    perm = key_channel_perm(span, num_heads).to(t.device)
+    if not to_official:
+        perm = perm.argsort()
+    index = torch.arange(size, device=t.device)
+    index[offset:offset + span] = perm + offset
+    return t.index_select(axis, index)
