@@ -12,6 +12,8 @@ CONSOLE_SCRIPTS = [
     'affordance-eval = affordance_core.cli.evaluate:main',
     'affordance-export = affordance_core.cli.export:main',
     'affordance-ground = affordance_core.cli.ground:main',
+    'affordance-convert = affordance_core.cli.convert:main',
+    'affordance-train-clusterer = affordance_core.cli.clusterer:main',
 ]
 
 setup(
@@ -37,6 +39,7 @@ setup(
     extras_require={
         'train': ['tensorboard>=2.14'],
         'export': ['onnx>=1.16', 'onnxruntime>=1.18'],
+        'clip': ['open_clip_torch>=2.20', 'ftfy>=6'],
         'test': ['pytest>=8', 'pytest-timeout>=2', 'catkin-pkg>=1.0', 'rosbags>=0.11',
                  'onnx>=1.16', 'onnxruntime>=1.18', 'tensorboard>=2.14'],
     },

@@ -27,6 +27,8 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
 
 
 # Imported after LOSSES exists: the modules register themselves.
-from affordance_core.losses import concentration, cross_entropy, prototype  # noqa: E402,F401
+from affordance_core.losses import (  # noqa: E402,F401
+    affinity_corr, concentration, cross_entropy, denoise_distill, modularity, pixel_dice,
+    pixel_mse, prototype)
 
 __all__ = ['LOSSES', 'LossFn', 'register_loss']

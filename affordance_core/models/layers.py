@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ['ResidualMlp', 'ConvBranch', 'minmax_2d', 'dino_saliency', 'gather_class_maps',
-           'SALIENCY_HEADS', 'key_channel_perm', 'permute_key_channels']
+           'SALIENCY_HEADS', 'key_channel_perm', 'permute_key_channels', 'permute_head_state']
 
 # CLS-attention heads of the last DINO ViT-S/16 block used for LOCATE's saliency map (§3.1).
 SALIENCY_HEADS = (0, 1, 3)
@@ -147,3 +147,30 @@ def permute_key_channels(t: Tensor, axis: int, num_heads: int, to_official: bool
     index = torch.arange(size, device=t.device)
     index[offset:offset + span] = perm + offset
     return t.index_select(axis, index)
+
+
+def permute_head_state(state: dict[str, Tensor], num_heads: int, to_official: bool,
+                       key_inputs: Sequence[str], key_outputs: Sequence[str] = ()
+                       ) -> dict[str, Tensor]:
+    """Convert a head state dict between our and the official DINO key channel order.
+
+    Args:
+        state: head weights (no backbone entries).
+        num_heads: backbone heads.
+        to_official: direction.
+        key_inputs: names whose input axis (1) reads key channels (first Linear / conv that sees
+            the keys or the residual stream built on them).
+        key_outputs: names whose axis 0 is in key-channel space (a residual MLP's fc2 weight and
+            bias, the LayerNorm over keys).
+
+    Returns:
+        a new dict; every other tensor is unchanged (learned channel spaces keep their order).
+    """
+    out = {}
+    for name, t in state.items():
+        if name in key_inputs:
+            t = permute_key_channels(t, 1, num_heads, to_official)
+        elif name in key_outputs:
+            t = permute_key_channels(t, 0, num_heads, to_official)
+        out[name] = t.contiguous()
+    return out

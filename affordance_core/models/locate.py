@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from affordance_core.models.base import AffordanceModel
-from affordance_core.models.layers import ConvBranch, ResidualMlp, dino_saliency, minmax_2d
+from affordance_core.models.layers import (ConvBranch, ResidualMlp, dino_saliency, minmax_2d,
+                                           permute_head_state)
 from affordance_core.ops.kmeans import kmeans
 from affordance_core.registry import register_model
 
 __all__ = ['Locate', 'part_select', 'locate_vits16', 'locate_vits14', 'locate_imgfocus',
-           'locate_test']
+           'locate_test', 'to_official_state_dict', 'from_official_state_dict']
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -264,3 +265,29 @@ def locate_test(**kwargs: Any) -> Locate:
     """Tiny random-weight variant for CPU tests."""
     kwargs.setdefault('backbone', 'vit_test')
     return _create(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# official checkpoints (affordance-convert)
+_KEY_INPUT = ('aff_proj.fc1.weight', 'aff_exo_proj.0.weight', 'aff_ego_proj.0.weight')
+_KEY_OUTPUT = ('aff_proj.fc2.weight', 'aff_proj.fc2.bias', 'aff_proj.norm.weight',
+               'aff_proj.norm.bias')
+_OFFICIAL_PREFIXES = ('aff_proj.', 'aff_exo_proj.', 'aff_ego_proj.', 'aff_fc.')
+
+
+def to_official_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
+    """Our LOCATE head state (no ``backbone.`` keys) -> the reference's names and key order.
+
+    The names are already the reference's; the residual MLP and the first conv of each branch
+    read (and the MLP writes) raw key channels, which the reference orders d-major.
+    """
+    return permute_head_state(state, num_heads, True, _KEY_INPUT, _KEY_OUTPUT)
+
+
+def from_official_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
+    """The reference's head state (``vit_model.`` stripped) -> ours."""
+    unknown = [k for k in state if not k.startswith(_OFFICIAL_PREFIXES)]
+    if unknown:
+        raise ValueError(f'unknown LOCATE keys {unknown[:5]} (expected prefixes '
+                         f'{_OFFICIAL_PREFIXES})')
+    return permute_head_state(state, num_heads, False, _KEY_INPUT, _KEY_OUTPUT)

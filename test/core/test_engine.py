@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -29,31 +28,7 @@ from affordance_core.engine.trainer import Trainer, capture_rng_state, restore_r
 REPO = Path(__file__).resolve().parents[2]
 LOCATE_LOSSES = ('losses=[{name: cross_entropy}, {name: prototype, start_epoch: 1}, '
                  '{name: concentration, weight: 0.07}]')
-PAIRS = (('hold', 'cup'), ('cut', 'knife'), ('drink_with', 'cup'))
-
-
-def make_tiny_agd(root: Path, n_exo: int = 4, n_ego: int = 2, n_test: int = 2,
-                  seed: int = 0) -> Path:
-    """AGD20K layout with random images: Seen/{trainset,testset} for the classes of PAIRS."""
-    rng = np.random.default_rng(seed)
-    for aff, obj in PAIRS:
-        for sub, n in (('exocentric', n_exo), ('egocentric', n_ego)):
-            folder = root / 'Seen' / 'trainset' / sub / aff / obj
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)
-                cv2.imwrite(str(folder / f'{sub[:3]}_{i}.jpg'), img)
-        ego = root / 'Seen' / 'testset' / 'egocentric' / aff / obj
-        gt = root / 'Seen' / 'testset' / 'GT' / aff / obj
-        ego.mkdir(parents=True, exist_ok=True)
-        gt.mkdir(parents=True, exist_ok=True)
-        for i in range(n_test):
-            cv2.imwrite(str(ego / f't_{i}.jpg'), rng.integers(0, 255, (48, 48, 3), np.uint8))
-            mask = np.zeros((48, 48), np.uint8)
-            mask[8 + 4 * i:30, 5:25] = 200
-            cv2.imwrite(str(gt / f't_{i}.png'), mask)
-    return root
-
+from conftest import make_tiny_agd  # noqa: E402  (shared with the method tests)
 
 pytestmark = pytest.mark.usefixtures('torch_one_thread')
 
