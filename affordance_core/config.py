@@ -78,6 +78,9 @@ class TrainConfig:
     output_dir: str = 'runs/locate_seen'
     cache_features: bool = False      # cache frozen-backbone features; later epochs skip it
     cache_views: int = 2              # cached augmentations per image: 1 = plain, 2 = + h-flip
+    cache_dir: str = ''               # '' = <output_dir>/feature_cache; share it between runs
+    cache_extra_fields: list[str] = field(default_factory=list)  # cache more BackboneOutput
+    #                                   fields than the model needs (one cache for several methods)
     eval_every: int = 1               # evaluate on the test set every N epochs (0 = never)
     select_by: str = 'kld'            # best checkpoint selection metric (kld | sim | nss)
     log_every: int = 20               # steps between TensorBoard scalars

@@ -9,10 +9,10 @@ of ours reproduces. Two things differ from ours:
   head-major here; each method file's ``from_official_state_dict`` / ``to_official_state_dict``
   permutes exactly the weights that read or write raw key channels (``models/layers.py``).
 
-The class count comes from the classifier's shape (36 -> Seen, 25 -> Unseen, 10 -> HICO-IIF, the
-official class order of ``labels.py``; LoopTrans adds its 15 noise classes). Checkpoints without the
-backbone (some releases strip it) take the backbone's own weights (``--backbone-weights`` or the
-default file).
+The class count comes from the classifier's shape (36 -> Seen, 25 -> Unseen, 10 -> HICO-IIF,
+the official class order of ``labels.py``; LoopTrans adds its 15 noise classes). Checkpoints
+without the backbone (some releases strip it) take the backbone's own weights
+(``--backbone-weights`` or the default file).
 """
 from __future__ import annotations
 

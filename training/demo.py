@@ -44,24 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from affordance_core import load_checkpoint
     from affordance_core.config import ExperimentConfig, load_config
     from affordance_core.data.agd20k import AGD20KTest
-    from affordance_core.data.synth import generate
+    from affordance_core.data.synth import ensure_generated
     from affordance_core.engine.evaluation import evaluate_baseline, evaluate_model
     from affordance_core.engine.trainer import Trainer
 
     start = time.perf_counter()
     out = Path(args.out)
     data_root = out / 'agd_synth'
-    meta_path = data_root / 'synth_meta.json'
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    from affordance_core.data.synth import GENERATOR_VERSION
-    reusable = (meta.get('complete') and meta.get('version') == GENERATOR_VERSION
-                and str(meta.get('size')) == str(args.size) and meta.get('seed') == args.seed)
-    if not reusable:
-        print(f'[demo] generating AGD-Synth ({args.size}, seed {args.seed}) in {data_root}')
-        generate(data_root, size=args.size if not args.size.isdigit() else int(args.size),
-                 seed=args.seed, progress=progress)
-    else:
-        print(f'[demo] reusing AGD-Synth in {data_root}')
+    print(f'[demo] AGD-Synth ({args.size}, seed {args.seed}) in {data_root}')
+    if not ensure_generated(data_root, args.size, args.seed, progress):
+        print('[demo] reusing the existing copy')
     t_data = time.perf_counter()
 
     run_dir = out / 'run'

@@ -2023,3 +2023,20 @@ def _check_tables() -> None:
 
 
 _check_tables()
+
+
+def ensure_generated(out_dir: str | Path, size: str | int = 'demo', seed: int = 0,
+                     progress: bool = True) -> bool:
+    """Generate AGD-Synth in ``out_dir`` unless a complete copy of the same version, size and
+    seed is already there; returns True when it generated."""
+    meta_path = Path(out_dir) / 'synth_meta.json'
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    if (meta.get('complete') and meta.get('version') == GENERATOR_VERSION
+            and str(meta.get('size')) == str(size) and meta.get('seed') == seed):
+        return False
+    generate(out_dir, size=int(size) if str(size).isdigit() else size, seed=seed,
+             progress=progress)
+    return True

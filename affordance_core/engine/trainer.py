@@ -172,7 +172,16 @@ class Trainer:
         self.fields = tuple(getattr(self.model, 'feature_fields', ()) or ())
         if cfg.train.cache_features and not self.fields:
             raise ValueError(f"train.cache_features=true but model '{cfg.model.name}' declares "
-                             'no feature_fields; set train.cache_features=false')
+                             'no feature_fields (it needs the images, e.g. a second backbone '
+                             'or a trained one); set train.cache_features=false')
+        from affordance_core.models.backbone import BackboneOutput
+        unknown = set(cfg.train.cache_extra_fields) - set(BackboneOutput.FIELDS)
+        if unknown:
+            raise ValueError(f'train.cache_extra_fields: unknown fields {sorted(unknown)}; '
+                             f'expected a subset of {BackboneOutput.FIELDS}')
+        if self.fields:
+            self.fields += tuple(f for f in BackboneOutput.FIELDS
+                                 if f in cfg.train.cache_extra_fields and f not in self.fields)
         self.task = AffordanceTask(self.model, cfg.losses)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
@@ -375,7 +384,8 @@ class Trainer:
         d = self.cfg.data
         fp = fc.backbone_fingerprint(self.model.backbone, image_size=d.image_size,
                                      root=str(Path(d.root).resolve()), split=d.split)
-        base = self.output_dir / 'feature_cache'
+        base = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else \
+            self.output_dir / 'feature_cache'
         suffix = f'-rank{self.dist.rank}' if self.dist.distributed else ''
         self.train_cache = fc.open_feature_cache(base, self.fields,
                                                  {**fp, 'views': self.cfg.train.cache_views},

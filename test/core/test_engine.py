@@ -400,6 +400,26 @@ def test_feature_cache_is_keyed_by_backbone_and_image_size(tmp_path):
     assert len(roots) == 3
 
 
+def test_shared_cache_dir_with_extra_fields(tiny_root, tmp_path):
+    """Several methods share one on-disk cache that holds the union of their fields."""
+    shared = tmp_path / 'shared_cache'
+    cfg = tiny_cfg(tiny_root, tmp_path / 'a', 'train.cache_features=true', 'train.epochs=1',
+                   f'train.cache_dir={shared}', 'train.cache_extra_fields=[keys_prev, tokens]')
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.fields == ('keys', 'cls_attn', 'tokens', 'keys_prev')
+    trainer.fit()
+    assert not (tmp_path / 'a' / 'feature_cache').exists()
+    assert any(p.name.startswith('train-') for p in shared.iterdir())
+    # a second run (another output folder) finds every feature: the backbone never runs
+    cfg2 = tiny_cfg(tiny_root, tmp_path / 'b', 'train.cache_features=true', 'train.epochs=1',
+                    f'train.cache_dir={shared}', 'train.cache_extra_fields=[keys_prev, tokens]')
+    summary = Trainer(cfg2, progress=False).fit()
+    history = json.loads(Path(summary['history']).read_text())['epochs']
+    assert history[0]['backbone_images'] == 0
+    with pytest.raises(ValueError, match='cache_extra_fields: unknown fields'):
+        Trainer(tiny_cfg(tiny_root, tmp_path / 'c', 'train.cache_extra_fields=[key]'))
+
+
 def test_cached_features_give_the_same_loss_as_images(tiny_root):
     from affordance_core.data.agd20k import AGD20KTrain, collate_train
     from affordance_core.labels import classes_for
