@@ -1,22 +1,31 @@
-"""Grasp-point candidates from an affordance heatmap (pure numpy, no torch).
+"""Grasp-point candidates from an affordance heatmap (numpy in and out).
 
 Pipeline for one action (all done on the patch-grid map, then mapped to image pixels):
 
 1. :func:`local_maxima`: cells that are >= their 8 neighbours (ties on a plateau are broken in
    raster order, so a plateau gives one peak), with a value >= ``min_score``.
-2. :func:`window_soft_argmax`: sub-cell position of each peak, the GeoAware-SC window soft-argmax
-   (``methods.md`` §8.4): the grid is *multiplied* by a 0/1 mask of the (2w+1) x (2w+1) window
-   around the peak (clamped to the grid), then a softmax with temperature ``beta`` is taken over
-   **all** cells and the expected (row, col) is clamped to the grid. One deliberate difference: the
-   masked grid is divided by the peak value first, so the weights are
-   ``exp((m * g / g_peak - 1) / beta)``; the result then depends on the blob's shape only, not on
-   its height, and cells outside the window get ``exp(-1 / beta)`` relative to the peak for every
-   peak, weak secondary peaks included (with the unscaled definition a peak of height 0.2 and
-   ``beta = 0.05`` would give the ~250 zeroed cells a weight of e^-4 each and drag the estimate to
-   the grid centre). Second difference, for local peaks only: window cells *higher* than the
-   peak belong to a higher neighbouring peak and are masked out as well (otherwise they would
-   dominate the softmax and move a secondary candidate onto the first); for the global argmax
-   no cell is higher, so GeoAware's definition is unchanged.
+2. :func:`window_soft_argmax`: sub-cell position of each peak by the shared GeoAware-SC window
+   soft-argmax op :func:`affordance_core.ops.correspondence.window_soft_argmax`
+   (``methods.md`` §8.4; the single implementation, all peaks of a map in one batched call):
+   the grid is *multiplied* by a 0/1 mask of the (2w+1) x (2w+1) window around the peak
+   (clamped to the grid), then a softmax with temperature ``beta`` is taken over **all** cells
+   and the expected (row, col) is clamped to the grid. This module passes the op's two opt-in
+   deviations from GeoAware's definition (the op's defaults are GeoAware's exact definition):
+
+   * ``normalize_peak=True``: the masked grid is divided by the peak value first, so the
+     weights are ``exp((m * g / g_peak - 1) / beta)``; the result then depends on the blob's
+     shape only, not on its height, and cells outside the window get ``exp(-1 / beta)``
+     relative to the peak for every peak, weak secondary peaks included (with the unscaled
+     definition a peak of height 0.2 and ``beta = 0.05`` would give the ~250 zeroed cells a
+     weight of e^-4 each and drag the estimate to the grid centre).
+   * ``mask_higher=True`` with ``peak=`` the local maximum (GeoAware centres the window on the
+     argmax): window cells *higher* than the peak belong to a higher neighbouring peak and are
+     masked out as well (otherwise they would dominate the softmax and move a secondary
+     candidate onto the first); for the global argmax no cell is higher, so GeoAware's
+     definition is unchanged.
+
+   ``window = 0`` here means the peak cell itself (no sub-cell refinement); in the op, 0 is
+   GeoAware's plain soft-argmax over the whole grid, so it is not passed on.
 3. :func:`grid_to_image`: cell coordinates -> image pixels for an ``align_corners=False``
    (half-pixel-centre) bilinear upsampling of an (h, w) grid to (H, W), the convention of both
    ``torch.nn.functional.interpolate(..., align_corners=False)`` and ``cv2.resize``::
@@ -25,6 +34,10 @@ Pipeline for one action (all done on the patch-grid map, then mapped to image pi
 
    so cell (0, 0) has its centre at pixel ((W / w - 1) / 2, (H / h - 1) / 2) and a symmetric blob
    centred between cells 7 and 8 of a 16-cell row maps to the exact middle of the image.
+   (GeoAware's keypoint mapping ``patch * stride + stride // 2``,
+   :func:`~affordance_core.ops.correspondence.patch_to_pixel`, puts the centre half a pixel
+   further, at the continuous patch centre; the heatmap is upsampled with half-pixel centres,
+   hence this mapping.)
 4. Score = the image-resolution heatmap sampled bilinearly at (u, v); candidates below
    ``min_score`` are dropped, then :func:`nms` keeps the best ``top_k`` that are more than
    ``nms_radius`` pixels apart (greedy, best first).
@@ -35,6 +48,9 @@ of the grid side; on 16 cells that would be the whole map and would mix distinct
 the window inside one blob of a typical CAM while covering the neighbours that decide the sub-cell
 offset. ``beta = 0.05`` makes zeroed cells weigh e^-20 relative to the peak (negligible even on
 a 64 x 64 grid) while a neighbour at 90 % of the peak still weighs e^-2 = 0.14.
+
+Cost: the op runs in torch on CPU (float64, the numpy grid shared without a copy); one call per
+heatmap for all its peaks, about 0.1-0.3 ms on a 16 x 16 grid.
 """
 from __future__ import annotations
 
@@ -42,6 +58,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+from affordance_core.ops.correspondence import window_soft_argmax as _window_soft_argmax_op
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +129,42 @@ def local_maxima(heat: np.ndarray, min_score: float = 0.0) -> np.ndarray:
     return np.stack([rows[order], cols[order]], axis=1).astype(np.int64)
 
 
+def _check_soft_argmax_args(window: int, beta: float) -> None:
+    if window < 0:
+        raise ValueError(f'window must be >= 0, got {window}')
+    if not beta > 0:
+        raise ValueError(f'beta must be > 0, got {beta}')
+
+
+def _subcell_peaks(g: np.ndarray, peaks: np.ndarray, window: int,
+                   beta: float) -> np.ndarray:
+    """Sub-cell (row, col) of every peak of ``g`` in one call of the shared op.
+
+    Args:
+        g: (h, w) float64 map (checked).
+        peaks: (N, 2) int (row, col) cells inside the grid.
+        window: half-size (0 = the peak cell itself).
+        beta: temperature relative to the peak value.
+
+    Returns:
+        (N, 2) float64 (row, col).
+    """
+    peaks = np.asarray(peaks, dtype=np.int64).reshape(-1, 2)
+    if window == 0 or len(peaks) == 0:
+        return peaks.astype(np.float64)
+    h, w = g.shape
+    corr = np.repeat(g[None], len(peaks), axis=0)  # (N, h, w), one row per peak
+    xy = _window_soft_argmax_op(corr, window, beta, peak=peaks[:, 0] * w + peaks[:, 1],
+                                normalize_peak=True, mask_higher=True)
+    return xy[:, ::-1].copy()
+
+
 def window_soft_argmax(grid: np.ndarray, peak: tuple[int, int], window: int = 2,
                        beta: float = 0.05) -> tuple[float, float]:
     """Sub-cell position of a peak by the GeoAware window soft-argmax (see module docstring).
+
+    Calls :func:`affordance_core.ops.correspondence.window_soft_argmax` with
+    ``peak=peak, normalize_peak=True, mask_higher=True``.
 
     Args:
         grid: (h, w) float map, values >= 0 (e.g. a min-max normalised CAM).
@@ -125,27 +176,13 @@ def window_soft_argmax(grid: np.ndarray, peak: tuple[int, int], window: int = 2,
         (row, col) float sub-cell coordinates, clamped to [0, h-1] x [0, w-1].
     """
     g = _check_map(grid, 'grid')
-    if window < 0:
-        raise ValueError(f'window must be >= 0, got {window}')
-    if not beta > 0:
-        raise ValueError(f'beta must be > 0, got {beta}')
+    _check_soft_argmax_args(window, beta)
     h, w = g.shape
     r0, c0 = int(peak[0]), int(peak[1])
     if not (0 <= r0 < h and 0 <= c0 < w):
         raise ValueError(f'peak {peak} lies outside the grid of shape {g.shape}')
-    peak_val = g[r0, c0]
-    mask = np.zeros_like(g)
-    mask[max(r0 - window, 0):r0 + window + 1, max(c0 - window, 0):c0 + window + 1] = 1.0
-    # cells of a higher neighbouring peak (never for the argmax; 1e-6 keeps rounding-level ties)
-    mask[g > peak_val + 1e-6 * abs(peak_val)] = 0.0
-    scale = peak_val if peak_val > 0 else 1.0
-    logits = (g * mask) / (scale * beta)
-    wts = np.exp(logits - logits.max())
-    wts /= wts.sum()
-    rr, cc = np.mgrid[0:h, 0:w]
-    row = float(np.clip((wts * rr).sum(), 0, h - 1))
-    col = float(np.clip((wts * cc).sum(), 0, w - 1))
-    return row, col
+    row, col = _subcell_peaks(g, np.array([[r0, c0]]), window, beta)[0]
+    return float(row), float(col)
 
 
 def grid_to_image(row: float | np.ndarray, col: float | np.ndarray,
@@ -231,10 +268,10 @@ def find_grasp_points(grid: np.ndarray, heatmap: np.ndarray, *, top_k: int = 5,
     """
     g = _check_map(grid, 'grid')
     hm = _check_map(heatmap, 'heatmap')
+    _check_soft_argmax_args(window, beta)
     peaks = local_maxima(g, min_score=min_score)
     cands: list[GraspPoint] = []
-    for r0, c0 in peaks:
-        row, col = window_soft_argmax(g, (int(r0), int(c0)), window=window, beta=beta)
+    for row, col in _subcell_peaks(g, peaks, window, beta).tolist():
         u, v = grid_to_image(row, col, g.shape, hm.shape)
         score = sample_bilinear(hm, float(u), float(v))
         if score < min_score:

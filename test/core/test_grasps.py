@@ -122,3 +122,39 @@ def test_find_grasp_points_end_to_end():
     # a small radius keeps the neighbour
     assert len(find_grasp_points(g, heat, nms_radius=100, min_score=0.2)) == 3
     assert len(find_grasp_points(g, heat, top_k=1, nms_radius=100, min_score=0.2)) == 1
+
+
+def test_peak_locator_is_the_shared_correspondence_op(monkeypatch):
+    from affordance_core.inference import grasps
+    from affordance_core.ops import correspondence
+
+    calls = []
+
+    def spy(corr, window, beta, **kw):
+        calls.append((corr.shape, window, beta, kw))
+        return correspondence.window_soft_argmax(corr, window, beta, **kw)
+
+    monkeypatch.setattr(grasps, '_window_soft_argmax_op', spy)
+    shape = (16, 16)
+    g = blob(shape, (4, 4.3), 0.8) + blob(shape, (11.4, 11.5), 1.0, height=0.7)
+    heat = cv2.resize(g.astype(np.float32), (224, 224), interpolation=cv2.INTER_LINEAR)
+    heat = ((heat - heat.min()) / (heat.max() - heat.min())).astype(np.float64)
+    pts = find_grasp_points(g, heat, min_score=0.2, nms_radius=10)
+    # one batched call for all peaks, with the grasp options of the op
+    peaks = local_maxima(g, min_score=0.2)
+    assert len(calls) == 1 and len(peaks) == len(pts) == 2
+    (n, h, w), window, beta, kw = calls[0]
+    assert (n, h, w, window, beta) == (2, 16, 16, 2, 0.05)
+    assert kw['normalize_peak'] is True and kw['mask_higher'] is True
+    assert kw['peak'].tolist() == [int(r) * 16 + int(c) for r, c in peaks]
+    # the numbers are the op's (x, y) = (col, row), applied to the grid with the peak as centre
+    for p, (r0, c0) in zip(pts, peaks):
+        x, y = correspondence.window_soft_argmax(g, 2, 0.05, peak=int(r0) * 16 + int(c0),
+                                                 normalize_peak=True, mask_higher=True)
+        assert (p.row, p.col) == (y, x)
+    # window 0 = the peak cell itself (no refinement; the op's 0 would be the global soft-argmax)
+    calls.clear()
+    assert window_soft_argmax(g, (4, 4), window=0) == (4.0, 4.0)
+    assert calls == []
+    with pytest.raises(ValueError, match='window'):
+        find_grasp_points(g, heat, window=-1)
