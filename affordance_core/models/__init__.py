@@ -3,7 +3,7 @@
 Importing this package imports every method module so that its ``@register_model`` entrypoints
 are registered (``affordance_core.list_models()``).
 """
-from affordance_core.models import backbone, locate, looptrans  # noqa: F401  (registration)
+from affordance_core.models import backbone, locate, looptrans, wsma  # noqa: F401  (registration)
 from affordance_core.models.backbone import (BackboneOutput, FrozenViT, create_backbone,
                                              list_backbones)
 
