@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    'images (0 = all)')
     p.add_argument('--image-size', type=int, default=0, help='network input size (default: '
                    'the checkpoint config, else 224); metrics are always computed at 224')
-    p.add_argument('--postprocess', default='locate', choices=('locate', 'double'),
-                   help='locate: resize + min-max (LOCATE family); double: min-max, resize, '
-                   'min-max (Cross-View-AG / WSMA)')
+    p.add_argument('--postprocess', default=None, choices=('locate', 'double'),
+                   help="locate: resize + min-max (LOCATE family); double: min-max, resize, "
+                   "min-max (Cross-View-AG / WSMA); default: the model's own path")
     p.add_argument('--num-overlays', type=int, default=8, help='overlay PNGs to write')
     p.add_argument('--baseline', choices=('center',), help='also score a model-free baseline')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
@@ -118,10 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                   num_overlays=args.num_overlays, progress=not args.no_progress)
     if model is not None:
+        post = args.postprocess or str(getattr(model, 'postprocess', 'locate'))
         res = evaluate_model(model, dataset, device=device, out_dir=out, classes=classes,
-                             postprocess=args.postprocess, **common)
+                             postprocess=post, **common)
         print(f'\n{args.checkpoint} on {args.split} ({res["overall"]["count"]} images, '
-              f'postprocess {args.postprocess})')
+              f'postprocess {post})')
         print(format_table(res))
         results[str(res.get('method', 'model'))] = res
     if args.baseline:
