@@ -14,6 +14,7 @@ CONSOLE_SCRIPTS = [
     'affordance-ground = affordance_core.cli.ground:main',
     'affordance-convert = affordance_core.cli.convert:main',
     'affordance-train-clusterer = affordance_core.cli.clusterer:main',
+    'affordance-c2am = affordance_core.cli.c2am:main',
 ]
 
 setup(

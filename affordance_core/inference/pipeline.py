@@ -15,6 +15,11 @@ half-pixel centres to (H, W) and min-maxed -> ``heatmaps``), ``grasps``
 (:mod:`~affordance_core.inference.grasps`), ``lift`` (:mod:`~affordance_core.inference.geometry`),
 and ``total``.
 
+Optional background suppression (off by default): with ``PipelineConfig.object_prior`` (a C2AM
+checkpoint) the class-agnostic object map of the same preprocessed image multiplies (or masks)
+every heatmap before grasps are searched (:mod:`~affordance_core.inference.object_prior`); its
+run is part of the ``model`` timing.
+
 The last frame's backend output is cached under a hash of the image bytes: asking for other
 actions of the same frame costs no model run (``result.cached`` is then True and the
 ``preprocess``/``model`` timings only cover the hash).
@@ -43,6 +48,7 @@ from transforms3d.quaternions import quat2mat
 from affordance_core.inference import geometry as geo
 from affordance_core.inference.geometry import InputError
 from affordance_core.inference.grasps import GraspPoint, find_grasp_points
+from affordance_core.inference.object_prior import SUPPRESS_MODES, suppress_background
 from affordance_core.data.transforms import check_rgb
 from affordance_core.labels import class_id
 
@@ -104,6 +110,11 @@ class PipelineConfig:
             diffuse heatmap would otherwise give widths of metres).
         flip_tta: also run the horizontally flipped image and average the un-flipped outputs.
         return_cloud: fill ``result.cloud[action]`` ((N, 4) x, y, z, heat).
+        object_prior: C2AM checkpoint (.pt) whose object map suppresses background heat (run
+            with torch on ``device``); None = off.
+        object_prior_mode: 'multiply' (heat * object map) or 'mask' (heat * [object map >=
+            object_prior_threshold]); see ``inference.object_prior.suppress_background``.
+        object_prior_threshold: the 'mask' cut on the min-max normalised object map, in [0, 1].
     """
 
     backend: str = 'auto'
@@ -129,11 +140,17 @@ class PipelineConfig:
     region_radius: float = 0.15
     flip_tta: bool = False
     return_cloud: bool = False
+    object_prior: str | None = None
+    object_prior_mode: str = 'multiply'
+    object_prior_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"unknown backend '{self.backend}'; expected one of "
                              f"{', '.join(BACKEND_KINDS)}")
+        if self.object_prior_mode not in SUPPRESS_MODES:
+            raise ValueError(f"unknown object_prior_mode '{self.object_prior_mode}'; expected "
+                             f"one of {', '.join(SUPPRESS_MODES)}")
         ints = {'top_k': 0, 'softargmax_window': 0, 'depth_window': 1, 'normal_window': 3}
         for name, low in ints.items():
             value = getattr(self, name)
@@ -150,7 +167,8 @@ class PipelineConfig:
         for name in ('softargmax_beta', 'depth_scale', 'max_depth', 'region_radius'):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f'{name} must be > 0, got {getattr(self, name)!r}')
-        for name in ('min_score', 'min_valid_depth_fraction', 'heat_threshold'):
+        for name in ('min_score', 'min_valid_depth_fraction', 'heat_threshold',
+                     'object_prior_threshold'):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f'{name} must lie in [0, 1], got {getattr(self, name)!r}')
         if self.min_depth >= self.max_depth:
@@ -228,6 +246,8 @@ class GroundingResult:
             ``heat >= heat_threshold``, when ``return_cloud`` and depth were given; else None.
         image_size: (H, W) of the input image.
         cached: True when the backend output of the previous call was reused.
+        object_map: (h, w) float32 object map that suppressed the background (min-max
+            normalised, at the prior's grid), or None without an object prior.
     """
 
     heatmaps: dict[str, np.ndarray]
@@ -238,6 +258,7 @@ class GroundingResult:
     cloud: dict[str, np.ndarray] | None = None
     image_size: tuple[int, int] = (0, 0)
     cached: bool = False
+    object_map: np.ndarray | None = None
 
 
 @dataclass
@@ -258,6 +279,7 @@ class _Cache:
     cams: np.ndarray          # (C, h, w)
     maps: np.ndarray          # (C, S, S)
     heat: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    object_map: np.ndarray | None = None  # (h, w) with an object prior
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -293,6 +315,9 @@ class GroundingPipeline:
         config: settings; the backend is built from it unless ``backend`` is given.
         backend: an already built backend (anything with ``classes``, ``input_size`` and
             ``__call__(images) -> (cams, maps)``), e.g. shared between pipelines or a test fake.
+        object_prior: an already built object prior (``images (B, 3, S, S) -> (B, h, w)``
+            object maps, e.g. ``inference.object_prior.ObjectPrior``) used instead of
+            ``config.object_prior``.
 
     Raises:
         FileNotFoundError: the checkpoint / ONNX / engine file does not exist.
@@ -300,9 +325,15 @@ class GroundingPipeline:
     """
 
     def __init__(self, config: PipelineConfig | None = None, *,
-                 backend: BackendLike | None = None) -> None:
+                 backend: BackendLike | None = None, object_prior: Any = None) -> None:
         self.config = config if config is not None else PipelineConfig()
         self.backend = backend if backend is not None else self._create_backend(self.config)
+        self.object_prior = object_prior
+        if object_prior is None and self.config.object_prior is not None:
+            from affordance_core.inference.object_prior import ObjectPrior
+
+            self.object_prior = ObjectPrior.from_checkpoint(self.config.object_prior,
+                                                            self.config.device)
         classes = getattr(self.backend, 'classes', None)
         if not classes:
             raise ValueError('the backend has no class names (backend.classes); rebuild the '
@@ -427,8 +458,32 @@ class GroundingPipeline:
             cams_f, maps_f = self._run_backend(np.ascontiguousarray(images[..., ::-1]))
             cams = 0.5 * (cams + cams_f[..., ::-1])
             maps = 0.5 * (maps + maps_f[..., ::-1])
+        obj = None
+        if self.object_prior is not None:
+            obj, cams, maps = self._suppress(images, cams, maps)
         t2 = time.perf_counter()
-        return _Cache(key, cams, maps), (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        return _Cache(key, cams, maps, object_map=obj), (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+    def _suppress(self, images: np.ndarray, cams: np.ndarray,
+                  maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Object map of ``images`` (flip-averaged with ``flip_tta``) and the suppressed cams
+        and maps (``inference.object_prior.suppress_background``)."""
+        obj = np.asarray(self.object_prior(images), np.float32)
+        if obj.ndim != 3 or obj.shape[0] != 1:
+            raise RuntimeError(f'object prior returned shape {obj.shape}, expected (1, h, w)')
+        obj = obj[0]
+        if self.config.flip_tta:
+            flipped = np.asarray(self.object_prior(np.ascontiguousarray(images[..., ::-1])),
+                                 np.float32)
+            obj = 0.5 * (obj + flipped[0][..., ::-1])
+        if not np.all(np.isfinite(obj)):
+            raise RuntimeError('object prior returned nan or inf')
+        mode, thr = self.config.object_prior_mode, self.config.object_prior_threshold
+        cams = suppress_background(cams, obj, mode, thr)
+        maps = suppress_background(maps, obj, mode, thr)
+        lo, hi = float(obj.min()), float(obj.max())
+        obj = (obj - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(obj)
+        return obj.astype(np.float32), cams, maps
 
     # ------------------------------------------------------------------ call
 
@@ -502,7 +557,7 @@ class GroundingPipeline:
         timings['total'] = (time.perf_counter() - t_start) * 1e3
         return GroundingResult(heatmaps=heatmaps, heatmaps_grid=grids, grasps=grasps,
                                grasps_by_action=by_action, timings=timings, cloud=cloud,
-                               image_size=(H, W), cached=cached)
+                               image_size=(H, W), cached=cached, object_map=cache.object_map)
 
     # ------------------------------------------------------------------ 3-D
 

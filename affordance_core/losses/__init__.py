@@ -28,7 +28,8 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
 
 # Imported after LOSSES exists: the modules register themselves.
 from affordance_core.losses import (  # noqa: E402,F401
-    affinity_corr, class_relation, clip_alignment, concentration, cross_entropy, denoise_distill,
-    feature_distill, modularity, pixel_dice, pixel_mse, prototype)
+    affinity_corr, c2am_contrast, class_relation, clip_alignment, concentration, cross_entropy,
+    denoise_distill, feature_distill, modularity, pixel_contrast, pixel_dice, pixel_mse, prototype,
+    selective_prototype)
 
 __all__ = ['LOSSES', 'LossFn', 'register_loss']

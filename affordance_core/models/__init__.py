@@ -3,7 +3,8 @@
 Importing this package imports every method module so that its ``@register_model`` entrypoints
 are registered (``affordance_core.list_models()``).
 """
-from affordance_core.models import backbone, locate, looptrans, wsma  # noqa: F401  (registration)
+from affordance_core.models import (  # noqa: F401  (registration)
+    backbone, c2am, locate, looptrans, selectivecl, wsma)
 from affordance_core.models.backbone import (BackboneOutput, FrozenViT, create_backbone,
                                              list_backbones)
 

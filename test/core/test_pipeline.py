@@ -473,3 +473,80 @@ def test_end_to_end_torch_backend(locate_ckpt):
     assert pipe.model_runs == 1
     pipe(rgb, actions=['push'])
     assert pipe.model_runs == 1
+
+
+# ------------------------------------------------------------------------------ object prior
+
+
+class FakePrior:
+    """Object prior stand-in: a fixed (h, w) object map for every image, counts calls."""
+
+    def __init__(self, obj):
+        self.obj, self.calls = np.asarray(obj, np.float32), 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return np.repeat(self.obj[None], images.shape[0], 0)
+
+
+def test_object_prior_removes_background_heat():
+    hold = blob((4, 4), 1.2) + blob((12, 12), 1.2, height=0.95)  # object + background blob
+    obj = np.zeros((8, 8), np.float32)
+    obj[:4, :4] = 1.0                                              # object: top-left quarter
+    cfg = dict(min_score=0.3, nms_radius=10.0, top_k=0)
+    plain, _ = make_pipe(cams_with(hold))
+    r0 = plain(rgb_image(), actions='hold')
+    assert r0.object_map is None and len(r0.grasps) == 2  # both blobs give a grasp
+    prior = FakePrior(obj)
+    pipe = GroundingPipeline(PipelineConfig(**cfg), backend=FakeBackend(cams_with(hold)),
+                             object_prior=prior)
+    r = pipe(rgb_image(), actions=['hold', 'pour'])
+    grid = r.heatmaps_grid['hold']
+    assert grid[4, 4] == pytest.approx(1.0, abs=1e-3) and grid[12, 12] < 1e-6
+    assert r0.heatmaps['hold'][300:, 400:].max() > 0.9  # the background blob before ...
+    assert r.heatmaps['hold'][300:, 400:].max() < 1e-6   # ... and with the object prior
+    assert [(round(g.u), round(g.v)) for g in r.grasps_by_action['hold']] == [(180, 135)]
+    assert r.object_map.shape == (8, 8) and r.object_map.max() == 1.0
+    from affordance_core.inference.object_prior import suppress_background
+    np.testing.assert_allclose(grid, suppress_background(minmax(hold), obj), atol=1e-6)
+    pipe(rgb_image(), actions='hold')  # same frame: cached, the prior does not run again
+    assert prior.calls == 1
+    masked = GroundingPipeline(PipelineConfig(object_prior_mode='mask', **cfg),
+                               backend=FakeBackend(cams_with(hold)), object_prior=FakePrior(obj))
+    assert masked(rgb_image(), actions='hold').heatmaps_grid['hold'][12, 12] == 0.0
+    with pytest.raises(ValueError, match='object_prior_mode'):
+        PipelineConfig(object_prior_mode='gate')
+    with pytest.raises(ValueError, match='object_prior_threshold'):
+        PipelineConfig(object_prior_threshold=2.0)
+
+
+def test_object_prior_from_c2am_checkpoint(locate_ckpt, tmp_path):
+    import torch
+
+    from affordance_core.checkpoint import load_checkpoint, save_checkpoint
+    from affordance_core.data.transforms import preprocess_rgb
+    from affordance_core.inference.object_prior import suppress_background
+    from affordance_core.models import c2am  # noqa: F401  (registers c2am_test)
+    from affordance_core.registry import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    prior_path = save_checkpoint(create_model('c2am_test').eval(), tmp_path / 'c2am_test.pt')
+    pipe = GroundingPipeline.from_checkpoint(locate_ckpt, backend='torch', device='cpu',
+                                             object_prior=str(prior_path), min_score=0.0)
+    rgb = rgb_image(120, 160, seed=4)
+    r = pipe(rgb, actions=['hold'])
+    x = preprocess_rgb(rgb, 224)[None]
+    with torch.no_grad():
+        cam = load_checkpoint(locate_ckpt).cams(x)[0, CLASSES.index('hold')].numpy()
+        obj = load_checkpoint(prior_path).object_map(x)[0].numpy()
+    assert obj.shape == (14, 14)
+    np.testing.assert_allclose(r.heatmaps_grid['hold'], suppress_background(cam, obj), atol=1e-4)
+    np.testing.assert_allclose(r.object_map, minmax(obj), atol=1e-5)
+    assert r.heatmaps['hold'].shape == (120, 160) and r.heatmaps['hold'].max() == 1.0
+    with pytest.raises(FileNotFoundError, match='object prior checkpoint not found'):
+        GroundingPipeline.from_checkpoint(locate_ckpt, backend='torch', device='cpu',
+                                          object_prior=str(tmp_path / 'missing.pt'))
+    with pytest.raises(ValueError, match='no object_map'):
+        GroundingPipeline.from_checkpoint(locate_ckpt, backend='torch', device='cpu',
+                                          object_prior=str(locate_ckpt))
