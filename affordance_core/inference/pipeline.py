@@ -58,7 +58,7 @@ __all__ = ['PipelineConfig', 'GroundingPipeline', 'GroundingResult', 'Grasp', 'I
 
 BACKEND_KINDS: tuple[str, ...] = ('auto', 'torch', 'onnxruntime', 'tensorrt')
 _NAN3 = (math.nan, math.nan, math.nan)
-MAX_REGION_POINTS = 20000  # region pixels used for the closing axis and the width (stride)
+MAX_REGION_POINTS = 4096  # region pixels used for the closing axis and the width (stride)
 
 
 class BackendLike(Protocol):
@@ -609,13 +609,21 @@ class GroundingPipeline:
             normal = -normal
         approach = -normal
 
-        # heat region of this candidate (depth grid), on the candidate's surface
+        # heat region of this candidate (depth grid), on the candidate's surface, searched in
+        # the window that can hold points within region_radius of it: a point at depth
+        # z' >= z - R that is within R laterally lies within R f / (z - R) pixels
         rc = min(max(int(round(vd)), 0), Hd - 1)
         cc = min(max(int(round(ud)), 0), Wd - 1)
+        z_near = max(float(position[2]) - cfg.region_radius, cfg.min_depth)
+        reach = int(math.ceil(1.25 * cfg.region_radius * max(k_d[0, 0], k_d[1, 1]) / z_near)) + 2
+        r0, r1 = max(rc - reach, 0), min(rc + reach + 1, Hd)
+        c0, c1 = max(cc - reach, 0), min(cc + reach + 1, Wd)
+        heat_w = heat_d[r0:r1, c0:c1]
         thr = min(cfg.heat_threshold * p.score, float(heat_d[rc, cc]))
-        _, labels = cv2.connectedComponents((heat_d >= thr).astype(np.uint8), connectivity=8)
-        region = labels == labels[rc, cc]
-        rows, cols = _subsample(*np.nonzero(region & frame.valid))
+        _, labels = cv2.connectedComponents((heat_w >= thr).astype(np.uint8), connectivity=8)
+        region = labels == labels[rc - r0, cc - c0]
+        rows, cols = _subsample(*np.nonzero(region & frame.valid[r0:r1, c0:c1]))
+        rows, cols = rows + r0, cols + c0
         pts = geo.backproject(cols, rows, depth_m[rows, cols], k_d)
         near = ((np.abs((pts - position) @ normal) <= cfg.region_depth_tolerance)
                 & (np.linalg.norm(pts - position, axis=1) <= cfg.region_radius))
@@ -623,7 +631,7 @@ class GroundingPipeline:
         axis3d = geo.principal_axis(pts, approach, heat_d[rows, cols])
         axis2d = None
         if axis3d is None:  # too few 3-D points or a round region: try the pixel layout
-            axis2d = self._axis_from_2d(region, heat_d, ud, vd, stats.median, k_d)
+            axis2d = self._axis_from_2d(region, heat_w, ud, vd, stats.median, k_d)
         R = geo.grasp_rotation(approach, [axis3d, axis2d])
         width = geo.extent_along(pts, R[:, 0]) if len(pts) else math.nan
         quat = geo.rotation_to_quaternion(R)
@@ -634,7 +642,10 @@ class GroundingPipeline:
     @staticmethod
     def _axis_from_2d(region: np.ndarray, heat_d: np.ndarray, ud: float, vd: float, z: float,
                       k_d: np.ndarray) -> np.ndarray | None:
-        """Principal axis of the region's pixels, lifted to a 3-D direction at depth z."""
+        """Principal axis of the region's pixels, lifted to a 3-D direction at depth z.
+
+        ``region`` and ``heat_d`` may be a window of the depth grid: the direction does not
+        depend on where the window lies (backprojection at a fixed depth is affine)."""
         rows, cols = _subsample(*np.nonzero(region))
         if rows.size < 3:
             return None
