@@ -5,7 +5,9 @@ after ``--warmup`` untimed calls, ``--runs`` iterations of:
 
 * ``preprocess``: uint8 (H, W, 3) frame -> normalised (1, 3, S, S) tensor
   (``data.transforms.preprocess_rgb``);
-* ``model``: one backend call (all class heatmaps, numpy in / numpy out);
+* ``model``: one backend call (all class heatmaps, numpy in / numpy out); besides torch,
+  onnxruntime and tensorrt, ``onnxruntime-int8`` times the dynamic-int8 ONNX of
+  ``affordance-export --quantize int8``;
 * ``pipeline.*``: when ``affordance_core.inference.pipeline.GroundingPipeline`` exists, one full
   pipeline call on the same backend and the per-stage timings it reports (``preprocess``,
   ``model``, ``heatmap``, ``grasps``, ``lift``, ``total``). One pixel of the frame changes every
@@ -43,6 +45,7 @@ import numpy as np  # noqa: E402
 logger = logging.getLogger('bench.latency')
 
 PIPELINE_STAGES = ('preprocess', 'model', 'heatmap', 'grasps', 'lift', 'total')
+INT8 = 'onnxruntime-int8'  # CPU only
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    "a 16-bit PNG in millimetres registered to --image, 'synthetic' (default: a "
                    "table plane at 0.8 m with a box) or 'none'")
     p.add_argument('--backends', default='all', help="comma-separated subset of torch, "
-                   "onnxruntime, tensorrt (default: all available)")
+                   "onnxruntime, onnxruntime-int8, tensorrt (default: all available)")
     p.add_argument('--actions', help='comma-separated affordances for the pipeline (default: '
                    'the first class)')
     p.add_argument('--device', default='auto', help='auto | cpu | cuda (default: %(default)s)')
@@ -175,10 +178,10 @@ def _gpu_pixel_latency(checkpoint: Path, size: int, runs: int, warmup: int,
 
 
 def _print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
-    print(f"{'backend':<13} {'stage':<22} {'median ms':>10} {'p95 ms':>10}")
-    print('-' * 58)
+    print(f"{'backend':<17} {'stage':<22} {'median ms':>10} {'p95 ms':>10}")
+    print('-' * 62)
     for backend, stage, s in rows:
-        print(f"{backend:<13} {stage:<22} {s['median_ms']:>10.2f} {s['p95_ms']:>10.2f}")
+        print(f"{backend:<17} {stage:<22} {s['median_ms']:>10.2f} {s['p95_ms']:>10.2f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,12 +224,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         K = _intrinsics(height, width)
 
-    wanted = (['tensorrt', 'onnxruntime', 'torch'] if args.backends == 'all'
+    wanted = (['tensorrt', 'onnxruntime', INT8, 'torch'] if args.backends == 'all'
               else [b.strip() for b in args.backends.split(',') if b.strip()])
     threads = args.threads or None
     backends: dict[str, Any] = {}
     for kind in wanted:
         try:
+            if kind == INT8:  # the dynamic-int8 ONNX of affordance-export --quantize int8
+                from affordance_core.export.onnx import cached_onnx_export, quantize_onnx
+                from affordance_core.inference.backends import OnnxRuntimeBackend
+
+                fp32 = cached_onnx_export(checkpoint, cache_dir, image_size=224)
+                int8 = fp32.with_name(fp32.stem + '.int8.onnx')
+                if not int8.is_file():
+                    quantize_onnx(fp32, int8)
+                backends[kind] = OnnxRuntimeBackend(int8, device='cpu', threads=threads)
+                continue
             backends[kind] = create_backend(kind, checkpoint=checkpoint, device=device,
                                             cache_dir=cache_dir, threads=threads)
         except Exception as exc:
@@ -286,10 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 st['pipeline.total']['median_ms'] / st['model']['median_ms'])
             report['ratios'][f'{kind}: pipeline total / its model stage'] = (
                 st['pipeline.total']['median_ms'] / st['pipeline.model']['median_ms'])
-    if 'onnxruntime' in report['stages'] and 'torch' in report['stages']:
-        report['ratios']['onnxruntime / torch-eager model'] = (
-            report['stages']['onnxruntime']['model']['median_ms']
-            / report['stages']['torch']['model']['median_ms'])
+    for kind in ('onnxruntime', INT8):
+        if kind in report['stages'] and 'torch' in report['stages']:
+            report['ratios'][f'{kind} / torch-eager model'] = (
+                report['stages'][kind]['model']['median_ms']
+                / report['stages']['torch']['model']['median_ms'])
     if device.startswith('cuda'):
         report['gpu_pixel_model'] = _gpu_pixel_latency(checkpoint, size, args.runs, args.warmup,
                                                        cache_dir)

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    'cuda | cuda:N (default: auto = cpu for onnx, cuda for tensorrt)')
     p.add_argument('--image-size', type=int, default=224, help='fixed input side S, a multiple '
                    'of the backbone patch size (default: %(default)s)')
+    p.add_argument('--quantize', choices=('int8',), default=None,
+                   help='onnx only: also write <stem>.int8.onnx with dynamic int8 MatMul / Gemm '
+                   'weights (faster on CPU; parity budget: max |dmaps| <= 0.1)')
     p.add_argument('--no-verify', action='store_true', help='skip the parity check against '
                    'PyTorch (ONNX Runtime on CPU / the built engine)')
     return p
@@ -83,17 +86,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         sha = file_sha256(checkpoint)
         model = load_checkpoint(checkpoint, map_location=device)
         if args.format == 'onnx':
-            from affordance_core.export.onnx import export_onnx, verify_onnx
+            from affordance_core.export.onnx import INT8_PARITY_BUDGET, export_onnx, verify_onnx
 
             path = export_onnx(model, out / f'{checkpoint.stem}.onnx', image_size=args.image_size,
                                opset=args.opset, checkpoint_sha256=sha)
+            paths = [path]
+            if args.quantize:
+                from affordance_core.export.onnx import quantize_onnx
+
+                paths.append(quantize_onnx(path, out / f'{checkpoint.stem}.int8.onnx'))
             if not args.no_verify:
                 try:
-                    err = verify_onnx(model, path)
-                    print(f'parity vs PyTorch (onnxruntime CPU): max |dcams| = {err["cams"]:.2e}, '
-                          f'max |dmaps| = {err["maps"]:.2e}')
+                    for p in paths:
+                        err = verify_onnx(model, p)
+                        print(f'{p.name}: parity vs PyTorch (onnxruntime CPU): max |dcams| = '
+                              f'{err["cams"]:.2e}, max |dmaps| = {err["maps"]:.2e} (mean '
+                              f'{err["maps_mean"]:.2e})')
+                    if args.quantize and err['maps'] > INT8_PARITY_BUDGET:
+                        logging.getLogger(PROG).warning(
+                            'the int8 model exceeds the parity budget (max |dmaps| %.3f > %.2f); '
+                            'prefer the float32 export for this model', err['maps'],
+                            INT8_PARITY_BUDGET)
                 except ImportError as exc:
                     logging.getLogger(PROG).warning('parity check skipped: %s', exc)
+            path = paths[-1]
         else:
             from affordance_core.export.tensorrt import build_engine
 

@@ -193,6 +193,30 @@ def test_export_cli_onnx_end_to_end(ckpt, tmp_path, capsys, images):
     assert backend.metadata.checkpoint_sha256 == file_sha256(ckpt)
 
 
+def test_export_cli_int8_within_its_budget(ckpt, tmp_path, capsys, images):
+    """--quantize int8 writes a second model: metadata kept, maps within the int8 budget."""
+    from affordance_core.cli.export import main
+    from affordance_core.export.onnx import INT8_PARITY_BUDGET
+
+    code = main(['--checkpoint', str(ckpt), '--format', 'onnx', '--out', str(tmp_path / 'o'),
+                 '--image-size', str(SIZE), '--quantize', 'int8'])
+    out = capsys.readouterr().out
+    path = tmp_path / 'o' / 'tiny.int8.onnx'
+    assert code == 0 and path.is_file() and out.strip().endswith(str(path))
+    line = next(ln for ln in out.splitlines() if ln.startswith('tiny.int8.onnx'))
+    err = float(line.split('max |dmaps| = ')[1].split()[0])
+    assert 1e-6 < err <= INT8_PARITY_BUDGET  # quantized: not exact, but within budget
+    import onnx
+    proto = onnx.load(str(path))
+    assert any(n.op_type in ('MatMulInteger', 'DynamicQuantizeLinear') for n in proto.graph.node)
+    backend = OnnxRuntimeBackend(path, device='cpu')
+    assert backend.classes == CLASSES
+    fp32 = OnnxRuntimeBackend(tmp_path / 'o' / 'tiny.onnx', device='cpu')
+    _, maps8 = backend(images)
+    _, maps32 = fp32(images)
+    assert np.abs(maps8 - maps32).max() <= INT8_PARITY_BUDGET
+
+
 def test_export_cli_user_errors_exit_2_with_one_line(ckpt, tmp_path, capsys, monkeypatch):
     from affordance_core.cli.export import main
 
