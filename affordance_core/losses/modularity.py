@@ -2,7 +2,9 @@
 
 ACSeg (Li et al., CVPR 2023, arXiv 2210.05944) trains its concept tokens by maximising the
 modularity of the soft partition they induce on the graph of an image's patches. With patch
-descriptors x_i, the affinity A_ij = relu(cos(x_i, x_j)) (i != j, the diagonal zeroed), degrees
+descriptors x_i, centred per image (DINO keys share a large common component: uncentred, every
+pair has a cosine near 1 and the graph has no structure to find), the affinity
+A_ij = relu(cos(x_i - x_mean, x_j - x_mean)) (i != j, the diagonal zeroed), degrees
 k_i = sum_j A_ij, 2m = sum_ij A_ij, and the soft assignment S = softmax((cos(x_i, t_k)) / tau) of
 every patch to the K tokens,
 
@@ -22,16 +24,18 @@ from torch import Tensor
 
 from affordance_core.losses import register_loss
 
-DEFAULT_TAU = 0.1
+DEFAULT_TAU = 0.05
 
 
-def modularity(x: Tensor, similarity: Tensor, tau: float = DEFAULT_TAU) -> Tensor:
+def modularity(x: Tensor, similarity: Tensor, tau: float = DEFAULT_TAU,
+               center: bool = True) -> Tensor:
     """Mean soft modularity Q of a batch (higher is better).
 
     Args:
         x: (B, N, D) patch descriptors (the graph; no gradient needed).
         similarity: (B, N, K) patch-token cosine similarity + 1 (the clusterer's output).
         tau: softmax temperature of the assignment.
+        center: subtract each image's mean descriptor before the affinity.
 
     Returns:
         scalar Q.
@@ -39,7 +43,10 @@ def modularity(x: Tensor, similarity: Tensor, tau: float = DEFAULT_TAU) -> Tenso
     if x.dim() != 3 or similarity.shape[:2] != x.shape[:2]:
         raise ValueError(f'modularity: x (B, N, D) and similarity (B, N, K) do not match: '
                          f'{tuple(x.shape)}, {tuple(similarity.shape)}')
-    xn = F.normalize(x.float(), dim=-1)
+    x = x.float()
+    if center:
+        x = x - x.mean(1, keepdim=True)
+    xn = F.normalize(x, dim=-1)
     a = (xn @ xn.transpose(1, 2)).clamp_min(0)
     a = a * (1 - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype))
     deg = a.sum(-1)                                     # (B, N)

@@ -195,6 +195,12 @@ def test_modularity_hand_value():
     assert modularity(x, sim, tau=1e-3).item() == pytest.approx(0.5, abs=1e-6)
     wrong = torch.tensor([[[2.0, 1.0], [1.0, 2.0], [2.0, 1.0], [1.0, 2.0]]])
     assert modularity(x, wrong, tau=1e-3).item() == pytest.approx(-0.5, abs=1e-6)
+    # a common component hides the structure unless the descriptors are centred: uncentred,
+    # the graph is almost complete (K4: Q of two pairs = (4 - 2 * 6^2 / 12) / 12 = -1/6)
+    shifted = x + torch.tensor([10.0, 10.0])
+    assert modularity(shifted, sim, tau=1e-3).item() == pytest.approx(0.5, abs=1e-6)
+    assert modularity(shifted, sim, tau=1e-3, center=False).item() == pytest.approx(-1 / 6,
+                                                                                   abs=2e-3)
 
 
 # --------------------------------------------------------------------------------- clusterer
