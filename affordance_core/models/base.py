@@ -32,7 +32,28 @@ from torch import Tensor, nn
 from affordance_core.models.backbone import FrozenViT, create_backbone
 from affordance_core.models.layers import gather_class_maps, minmax_2d
 
-__all__ = ['AffordanceModel', 'feature_field']
+__all__ = ['AffordanceModel', 'feature_field', 'resolve_classes']
+
+
+def resolve_classes(num_classes: int | None, classes: Sequence[str] | None, owner: str,
+                    default: int | None = None) -> tuple[int, tuple[str, ...] | None]:
+    """(num_classes, classes) from either or both; ``default`` when both are None.
+
+    Raises:
+        ValueError: a count that does not match the names, or fewer than 1 class.
+    """
+    if classes is not None:
+        classes = tuple(str(c) for c in classes)
+        if num_classes is None:
+            num_classes = len(classes)
+        elif num_classes != len(classes):
+            raise ValueError(f'num_classes={num_classes} but {len(classes)} class names '
+                             f'were given; pass matching values or omit num_classes')
+    if num_classes is None:
+        num_classes = default
+    if num_classes is None or int(num_classes) < 1:
+        raise ValueError(f'{owner} needs num_classes >= 1 (or a class list), got {num_classes}')
+    return int(num_classes), classes
 
 
 def feature_field(feats: Any, name: str, owner: str = 'the model') -> Tensor:
@@ -66,18 +87,8 @@ class AffordanceModel(nn.Module):
                  backbone: str = 'dino_vits16', backbone_weights: str | None = None,
                  pretrained: bool = True) -> None:
         super().__init__()
-        name = type(self).__name__
-        if classes is not None:
-            classes = tuple(str(c) for c in classes)
-            if num_classes is None:
-                num_classes = len(classes)
-            elif num_classes != len(classes):
-                raise ValueError(f'num_classes={num_classes} but {len(classes)} class names '
-                                 f'were given; pass matching values or omit num_classes')
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f'{name} needs num_classes >= 1 (or a class list), got {num_classes}')
-        self.classes = classes
-        self.num_classes = int(num_classes)
+        self.num_classes, self.classes = resolve_classes(num_classes, classes,
+                                                         type(self).__name__)
         self.backbone: FrozenViT = create_backbone(backbone, pretrained=pretrained,
                                                    weights=backbone_weights)
         self.backbone.eval()

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 import affordance_core.losses.c2am_contrast  # noqa: F401  (registers c2am_sim_min / _max)
 from affordance_core.models.backbone import default_weights_dir
-from affordance_core.models.base import AffordanceModel
+from affordance_core.models.base import AffordanceModel, resolve_classes
 from affordance_core.models.layers import permute_key_channels
 from affordance_core.registry import register_model
 
@@ -283,24 +283,6 @@ def load_resnet_weights(trunk: ResNetSeries, path: str | Path) -> None:
     logger.info('ResNet trunk %s loaded from %s', trunk.arch, path)
 
 
-def _resolve_classes(num_classes: int | None, classes: Sequence[str] | None,
-                     name: str) -> tuple[int, tuple[str, ...] | None]:
-    """(num_classes, classes) as ``AffordanceModel`` resolves them; 1 class when both are None
-    (a class-agnostic object prior needs no class list)."""
-    if classes is not None:
-        classes = tuple(str(c) for c in classes)
-        if num_classes is None:
-            num_classes = len(classes)
-        elif num_classes != len(classes):
-            raise ValueError(f'num_classes={num_classes} but {len(classes)} class names were '
-                             'given; pass matching values or omit num_classes')
-    if num_classes is None:
-        num_classes = 1
-    if int(num_classes) < 1:
-        raise ValueError(f'{name} needs num_classes >= 1 (or a class list), got {num_classes}')
-    return int(num_classes), classes
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared method logic
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +442,8 @@ class C2AM(_C2AMCommon, AffordanceModel):
     def __init__(self, num_classes: int | None = None, classes: Sequence[str] | None = None,
                  backbone: str = 'dino_vits16', backbone_weights: str | None = None,
                  pretrained: bool = True, alpha: float = 0.05, feature: str = 'keys') -> None:
-        num_classes, classes = _resolve_classes(num_classes, classes, type(self).__name__)
+        num_classes, classes = resolve_classes(num_classes, classes, type(self).__name__,
+                                               default=1)
         super().__init__(num_classes, classes, backbone, backbone_weights, pretrained)
         if feature not in ('keys', 'tokens'):
             raise ValueError(f"feature must be 'keys' or 'tokens', got {feature!r}")
@@ -535,8 +518,8 @@ class C2AMResNet(_C2AMCommon, nn.Module):
                  backbone: str = 'resnet50', backbone_weights: str | None = None,
                  pretrained: bool = True, alpha: float = 0.05) -> None:
         nn.Module.__init__(self)
-        self.num_classes, self.classes = _resolve_classes(num_classes, classes,
-                                                          type(self).__name__)
+        self.num_classes, self.classes = resolve_classes(num_classes, classes,
+                                                         type(self).__name__, default=1)
         self.backbone = ResNetSeries(backbone)
         if pretrained:
             load_resnet_weights(self.backbone, self._weights_path(backbone, backbone_weights))
