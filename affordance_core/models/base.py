@@ -22,6 +22,7 @@ Class attributes a method may set:
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,7 +69,7 @@ def feature_field(feats: Any, name: str, owner: str = 'the model') -> Tensor:
     return value
 
 
-class AffordanceModel(nn.Module):
+class AffordanceModel(nn.Module, metaclass=abc.ABCMeta):
     """Base of the DINO-family methods: class list, frozen backbone, feature access, prediction.
 
     Args:
@@ -190,9 +191,9 @@ class AffordanceModel(nn.Module):
         """Called by the trainer after every training epoch (0-based); no-op by default."""
 
     # ------------------------------------------------------------------ inference
+    @abc.abstractmethod
     def cams(self, images: Tensor | None = None, *, feats: Any = None) -> Tensor:
         """Raw maps of every class (B, C, h, w): the deployed inference path."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def predict_raw(self, images: Tensor | None, class_ids: Any, *,

@@ -55,7 +55,7 @@ Differences from the reference:
     * The inference paths (``object_map``, ``cams``, ``predict_raw``) always use the BN running
       statistics (head and ResNet trunk), whatever the train/eval mode, so a C2AM held inside
       another method's training loop neither changes its statistics nor depends on the batch.
-    * No ``.cuda()``; any input size (ViT: multiples of the patch size).
+    * No hard-coded device; any input size (ViT: multiples of the patch size).
 """
 from __future__ import annotations
 

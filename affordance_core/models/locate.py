@@ -20,7 +20,7 @@ Differences from the reference:
     * Our keys are head-major (channel = head * 64 + d); the reference flattens d-major
       (d * heads + head). Converting a reference checkpoint permutes the D axis of every head
       weight (``aff_proj``, both branches, ``aff_fc`` input).
-    * No ``.cuda()``: tensors follow the inputs' device.
+    * No hard-coded device: tensors follow the inputs' device.
 """
 from __future__ import annotations
 

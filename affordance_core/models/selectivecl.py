@@ -74,7 +74,7 @@ Differences from the reference:
     * CLIP receives the ImageNet-normalised tensor, as in the reference; with a backbone whose
       grid differs from CLIP's 16-px grid (DINOv2 ViT-S/14) the CLIP input is resized so both
       grids coincide (the reference only runs 16-px DINO at 224).
-    * Any backbone of ``models.backbone``; no ``.cuda()``.
+    * Any backbone of ``models.backbone``; no hard-coded device.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ Differences from the reference:
       blocks of ``aff_proj.norm`` and of the ``aff_proj.fc1`` input axis.
     * The NMF bases are not in official checkpoints (a plain tensor attribute there): importing
       one draws fresh bases from a seeded generator (they only matter for further training).
-    * No ``.cuda()``; no hard-coded 14x14 / 1024 / batch sizes.
+    * No hard-coded device, 14x14 grid, 1024 width or batch size.
 """
 from __future__ import annotations
 
