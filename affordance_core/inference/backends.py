@@ -293,6 +293,9 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = int(threads)
+        # idle worker threads sleep instead of spinning: the heatmap / grasp / 3-D stages that
+        # follow every model run (and the rest of the robot) get the CPU back at once
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         metadata = ModelMetadata.from_props(props, source=str(path))
