@@ -250,15 +250,21 @@ _KEY_OUTPUT = ('aff_proj.fc2.weight', 'aff_proj.fc2.bias', 'aff_proj.norm.weight
                'aff_proj.norm.bias')
 
 
-def to_official_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
-    """Our LoopTrans head state (no ``backbone.`` keys) -> the reference's names and key order."""
+def _convert(state: dict[str, Tensor], num_heads: int, to_official: bool) -> dict[str, Tensor]:
+    """Head weights through ``permute_head_state``, clusterer weights (``cluster.*``) through
+    ``convert_official_clusterer``; the names are the same on both sides."""
     head = {k: v for k, v in state.items() if not k.startswith('cluster.')}
-    out = permute_head_state(head, num_heads, True, _KEY_INPUT, _KEY_OUTPUT)
+    out = permute_head_state(head, num_heads, to_official, _KEY_INPUT, _KEY_OUTPUT)
     clus = {k[len('cluster.'):]: v for k, v in state.items() if k.startswith('cluster.')}
     if clus:
         out.update({f'cluster.{k}': v for k, v in
-                    convert_official_clusterer(clus, num_heads, to_official=True).items()})
+                    convert_official_clusterer(clus, num_heads, to_official).items()})
     return out
+
+
+def to_official_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
+    """Our LoopTrans head state (no ``backbone.`` keys) -> the reference's names and key order."""
+    return _convert(state, num_heads, to_official=True)
 
 
 def from_official_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
@@ -267,13 +273,7 @@ def from_official_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[s
     unknown = [k for k in state if not k.startswith(known)]
     if unknown:
         raise ValueError(f'unknown LoopTrans keys {unknown[:5]} (expected prefixes {known})')
-    head = {k: v for k, v in state.items() if not k.startswith('cluster.')}
-    out = permute_head_state(head, num_heads, False, _KEY_INPUT, _KEY_OUTPUT)
-    clus = {k[len('cluster.'):]: v for k, v in state.items() if k.startswith('cluster.')}
-    if clus:
-        out.update({f'cluster.{k}': v for k, v in
-                    convert_official_clusterer(clus, num_heads, to_official=False).items()})
-    return out
+    return _convert(state, num_heads, to_official=False)
 
 
 def _create(**kwargs: Any) -> LoopTrans:
