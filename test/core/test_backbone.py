@@ -495,3 +495,25 @@ def test_imgfocus_onnx_parity(imgfocus_state_dict) -> None:
           f"|tokens| max {ref['tokens'].abs().max().item():.2f}")
     assert err['tokens'] < 1e-4 and err['keys'] < 1e-4 and err['keys_prev'] < 1e-4
     assert err['cls_attn'] < 1e-6
+
+
+def test_resized_position_grid_is_cached_and_follows_the_weights(random_backbones) -> None:
+    bb = random_backbones['dinov2_vits14']
+    h, w = bb.grid_size(224, 224)
+    assert (h, w) != bb.pos_grid
+    first = bb.position_embedding(h, w)
+    assert bb.position_embedding(h, w) is first  # cached: no resize per forward
+    assert torch.equal(first, bb._resize_pos(bb.vit.pos_embed, h, w))
+    x = _images(1, 224, 224)
+    before = bb(x).keys
+    state = {k: v.clone() for k, v in bb.vit.state_dict().items()}
+    try:
+        new_pos = state['pos_embed'] + 0.5
+        bb.vit.load_state_dict({**state, 'pos_embed': new_pos})
+        again = bb.position_embedding(h, w)
+        assert again is not first
+        assert torch.equal(again, bb._resize_pos(new_pos, h, w))  # recomputed, not stale
+        assert not torch.allclose(bb(x).keys, before)
+    finally:
+        bb.vit.load_state_dict(state)
+    assert torch.equal(bb.position_embedding(h, w), first)
