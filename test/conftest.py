@@ -20,9 +20,10 @@ def pytest_collection_modifyitems(config, items):
     except Exception:  # pragma: no cover - torch is a hard dependency
         has_cuda = False
     for item in items:
-        if 'ros' in item.keywords and not has_rclpy:
+        # markers, not item.keywords: keywords also hold folder names (test/ros/...)
+        if item.get_closest_marker('ros') is not None and not has_rclpy:
             item.add_marker(pytest.mark.skip(reason='needs a ROS 2 installation (rclpy)'))
-        if 'gpu' in item.keywords and not has_cuda:
+        if item.get_closest_marker('gpu') is not None and not has_cuda:
             item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU'))
 
 
