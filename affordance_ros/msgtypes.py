@@ -19,6 +19,7 @@ import abc
 import array
 import dataclasses
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,8 @@ def stamp_ns(header: Any) -> int:
 
 def find_msg_dir() -> Path:
     """The folder with our ``.msg`` files: the repository's ``msg/`` beside this package, else
-    ``share/affordance_ros/msg`` of a ROS install (via ``ament_index_python`` when importable).
+    ``<sys.prefix>/share/affordance_ros/msg`` (a pip install), else ``share/affordance_ros/msg``
+    of a ROS install (via ``ament_index_python`` when importable).
 
     Raises:
         FileNotFoundError: neither exists (the message says where it looked).
@@ -84,6 +86,10 @@ def find_msg_dir() -> Path:
     tried = [str(repo)]
     if (repo / f'{OUR_MESSAGES[0]}.msg').is_file():
         return repo
+    pip_share = Path(sys.prefix) / 'share' / PACKAGE / 'msg'  # setup.py's data_files
+    tried.append(str(pip_share))
+    if (pip_share / f'{OUR_MESSAGES[0]}.msg').is_file():
+        return pip_share
     try:
         from ament_index_python.packages import get_package_share_directory
     except ImportError:
