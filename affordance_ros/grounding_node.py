@@ -146,7 +146,11 @@ class GroundingNode(LifecycleNode):
                              reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         core = self.core
-        inputs = (('image', 'sensor_msgs/msg/Image', core.on_image, sensor_qos),
+        color = (('image/compressed', 'sensor_msgs/msg/CompressedImage',
+                  core.on_compressed_image, sensor_qos)
+                 if self._settings.image_transport == 'compressed' else
+                 ('image', 'sensor_msgs/msg/Image', core.on_image, sensor_qos))
+        inputs = (color,
                   ('depth', 'sensor_msgs/msg/Image', core.on_depth, sensor_qos),
                   ('camera_info', 'sensor_msgs/msg/CameraInfo', core.on_camera_info,
                    sensor_qos),

@@ -53,6 +53,7 @@ __all__ = ['ParamSpec', 'NodeSettings', 'PARAMETERS', 'DYNAMIC', 'QOS_RELIABILIT
 
 NODE_NAME = 'grounding_node'
 QOS_RELIABILITY: tuple[str, ...] = ('best_effort', 'reliable', 'system_default')
+IMAGE_TRANSPORTS: tuple[str, ...] = ('raw', 'compressed')
 DYNAMIC: frozenset[str] = frozenset({
     'actions', 'min_score', 'heat_threshold', 'top_k', 'nms_radius', 'max_input_age_ms',
     'publish_overlay', 'publish_cloud', 'overlay_action'})
@@ -175,6 +176,7 @@ class NodeSettings:
     sync_queue_size: int = 5
     require_depth: bool = False
     qos_reliability: str = 'best_effort'
+    image_transport: str = 'raw'
     target_frame: str = ''
     tf_timeout_s: float = 0.05
     publish_overlay: bool = True
@@ -208,6 +210,7 @@ _NODE_VALIDATORS: dict[str, Validator] = {
     'sync_slop_s': _range(0.0),
     'sync_queue_size': _range(1),
     'qos_reliability': _one_of(QOS_RELIABILITY),
+    'image_transport': _one_of(IMAGE_TRANSPORTS),
     'tf_timeout_s': _range(0.0),
     'marker_lifetime_s': _range(0.0),
     'warmup_runs': _range(0),
@@ -227,6 +230,8 @@ _NODE_DOCS: dict[str, str] = {
                      'and camera_info are used while they arrive, otherwise 2-D results only.',
     'qos_reliability': "input subscriptions' reliability: 'best_effort' (sensor data), "
                        "'reliable' or 'system_default'.",
+    'image_transport': "colour input: 'raw' (sensor_msgs/Image on 'image') or 'compressed' "
+                       "(sensor_msgs/CompressedImage, jpeg / png, on 'image/compressed').",
     'target_frame': "frame for grasps, detections_3d, markers and the cloud (TF at the image "
                     "stamp); '' = the camera optical frame of the image.",
     'tf_timeout_s': 'how long to wait for the transform to target_frame (seconds).',

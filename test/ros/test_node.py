@@ -291,3 +291,57 @@ def test_main_autostarts(ros_stand_in, ckpt, monkeypatch) -> None:
     grounding_node.main([])
     assert created and created[0].test_state == 'active'
     created[0].trigger_deactivate()
+
+
+def test_compressed_image_transport(make_node, ros_stand_in) -> None:
+    import cv2
+
+    types = ros_stand_in.types
+    node = make_node(image_transport='compressed')
+    node.trigger_configure()
+    node.trigger_activate()
+    assert {s.topic for s in node._subscriptions} == {'image/compressed', 'depth',
+                                                      'camera_info', 'action'}
+    image, depth, info = frame_msgs(types)
+    ok, jpg = cv2.imencode('.jpg', np.zeros((H, W, 3), np.uint8))
+    compressed = types.make('sensor_msgs/msg/CompressedImage', header=image.header,
+                            format='jpeg', data=types.u8_array(jpg.tobytes()))
+    node.test_subscription('camera_info').test_deliver(info)
+    node.test_subscription('depth').test_deliver(depth)
+    node.test_subscription('image/compressed').test_deliver(compressed)
+    grasps = node.test_publisher('grasps')
+    assert wait_for(lambda: len(grasps.published) == 1)
+    assert grasps.published[0].header.stamp == image.header.stamp
+
+
+def test_target_frame_uses_tf_at_the_image_stamp(make_node, ros_stand_in) -> None:
+    types = ros_stand_in.types
+    node = make_node(target_frame='base_link')
+    node.trigger_configure()
+    node.trigger_activate()
+    image, depth, info = frame_msgs(types)
+    # base_link <- camera: a pure translation of 1 m along z, valid only at the image stamp
+    tf = types.make('geometry_msgs/msg/TransformStamped',
+                    header=types.header(STAMP, 'base_link'),
+                    child_frame_id='camera_color_optical_frame',
+                    transform=types.make('geometry_msgs/msg/Transform',
+                                         translation=types.make('geometry_msgs/msg/Vector3',
+                                                                x=0.0, y=0.0, z=1.0),
+                                         rotation=types.make('geometry_msgs/msg/Quaternion',
+                                                             x=0.0, y=0.0, z=0.0, w=1.0)))
+    node._tf_buffer.test_set('base_link', 'camera_color_optical_frame', STAMP, tf)
+    deliver(node, image, depth, info)
+    grasps = node.test_publisher('grasps')
+    assert wait_for(lambda: len(grasps.published) == 1)
+    out = grasps.published[0]
+    assert out.header.frame_id == 'base_link'
+    valid = [g for g in out.grasps if g.valid_3d]
+    assert valid and all(g.pose.position.z == pytest.approx(1.9, abs=0.01) for g in valid)
+    assert node.test_publisher('heatmap').published[0].header.frame_id == \
+        'camera_color_optical_frame'
+    # no transform at the next stamp: 3-D outputs dropped, heatmap still published
+    deliver(node, *frame_msgs(types, STAMP + 10**8))
+    heat = node.test_publisher('heatmap')
+    assert wait_for(lambda: len(heat.published) == 2)
+    assert len(grasps.published) == 1
+    assert node.core.snapshot()['dropped'].get('tf_unavailable', 0) == 1
