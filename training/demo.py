@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = evaluate_baseline(test_set, kind='center', out_dir=out / 'eval_center_prior')
     t_eval = time.perf_counter()
     replay_summary = _robot_replay(out / 'replay', run_dir / 'best.pt', progress)
-    elapsed = time.perf_counter() - start
+    t_end = time.perf_counter()
+    elapsed = t_end - start
 
     o, b = ours['overall'], base['overall']
     beats = {'KLD': o['KLD'] < b['KLD'], 'SIM': o['SIM'] > b['SIM'], 'NSS': o['NSS'] > b['NSS']}
@@ -118,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'{cfg.model.name} beats the centre prior on: '
         f"{', '.join(k for k, v in beats.items() if v) or 'nothing'}",
         f'time: data {t_data - start:.0f} s, training {t_train - t_data:.0f} s, '
-        f'robot replay {elapsed - t_eval:.0f} s, total {elapsed:.0f} s',
+        f'evaluation {t_eval - t_train:.0f} s, robot replay {t_end - t_eval:.0f} s, '
+        f'total {elapsed:.0f} s',
         f'overlays: {out / "eval"}',
         '',
         f"robot replay ({replay_summary['backend']}): {replay_summary['frames_in']} RGB-D frames "
