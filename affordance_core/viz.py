@@ -5,6 +5,7 @@ wants BGR, converted here). Text uses cv2's Hershey font, so labels should be AS
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -60,7 +61,8 @@ def overlay(rgb: Any, heatmap: Any, alpha: float = 0.5,
         colormap: an OpenCV colormap id (``cv2.COLORMAP_*``).
 
     Returns:
-        (H, W, 3) uint8 RGB image ``round((1 - alpha) * rgb + alpha * colour(heatmap))``.
+        (H, W, 3) uint8 RGB image ``round((1 - alpha) * rgb + alpha * colour(heatmap))``
+        (OpenCV's ``addWeighted`` rounding: within one grey level of the float formula).
     """
     rgb = _check_rgb(rgb)
     hm = _check_heatmap(heatmap)
@@ -70,9 +72,18 @@ def overlay(rgb: Any, heatmap: Any, alpha: float = 0.5,
     if hm.shape != (h, w):
         hm = cv2.resize(hm, (w, h), interpolation=cv2.INTER_LINEAR)
     hm8 = np.clip(np.round(hm * 255.0), 0, 255).astype(np.uint8)
-    color = cv2.cvtColor(cv2.applyColorMap(hm8, int(colormap)), cv2.COLOR_BGR2RGB)
-    out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * color.astype(np.float32)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    # the colour map as a 256-entry table: cv2.applyColorMap's own colours, 40x faster than
+    # calling it on the image (0.3 vs 11 ms at 640 x 480; the ROS overlay is built per frame)
+    color = cv2.LUT(cv2.merge([hm8, hm8, hm8]), _colormap_rgb(int(colormap)))
+    a = float(alpha)
+    return cv2.addWeighted(np.ascontiguousarray(rgb), 1.0 - a, color, a, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _colormap_rgb(colormap: int) -> np.ndarray:
+    """(1, 256, 3) uint8 RGB colours of the OpenCV colour map ``colormap`` (a cv2.LUT table)."""
+    ramp = np.arange(256, dtype=np.uint8)[None, :]
+    return np.ascontiguousarray(cv2.applyColorMap(ramp, colormap)[:, :, ::-1])
 
 
 def _title_bar(img: np.ndarray, text: str, height: int = 24) -> np.ndarray:

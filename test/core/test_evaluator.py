@@ -172,6 +172,20 @@ def test_overlay_blends_and_resizes():
     assert overlay(rgb, torch.rand(3, 3)).shape == (5, 7, 3)
 
 
+def test_overlay_matches_applycolormap_and_the_float_blend():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    hm = rng.random((48, 64)).astype(np.float32)
+    hm8 = np.clip(np.round(hm * 255.0), 0, 255).astype(np.uint8)
+    jet = cv2.cvtColor(cv2.applyColorMap(hm8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(overlay(rgb, hm, alpha=1.0), jet)  # the table is exact
+    viridis = cv2.cvtColor(cv2.applyColorMap(hm8, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(overlay(rgb, hm, 1.0, cv2.COLORMAP_VIRIDIS), viridis)
+    ref = np.round(0.55 * rgb.astype(np.float64) + 0.45 * jet.astype(np.float64))
+    diff = np.abs(overlay(rgb, hm, alpha=0.45).astype(np.float64) - ref)
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
 def test_overlay_errors():
     rgb = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match='uint8'):
