@@ -13,13 +13,18 @@ Conventions (REP-118, sensor_msgs/image_encodings):
 * ``uint8[]`` data may be bytes, a numpy array, ``array.array('B')`` (rclpy) or a list of ints.
 
 Every malformed input raises :class:`ConversionError` whose one-line message names the field and
-the expected value. cv_bridge is deliberately not used even where it is installed: this pure
-path does everything it does for these encodings (padding, byte order), is the path the tests
-cover, and keeps the node and the ROS-free replay bit-identical.
+the expected value.
+
+cv_bridge, where it is installed, converts the colour encodings this module does not decode
+itself (:data:`BRIDGE_COLOR_ENCODINGS`: 16-bit colour, YUV 4:2:2, NV21/NV24, Bayer) to rgb8. The
+listed encodings always take the pure path, with or without cv_bridge: it does everything
+cv_bridge does for them (padding, byte order), is the path the tests cover, and keeps the node
+and the ROS-free replay bit-identical.
 """
 from __future__ import annotations
 
 import array
+import functools
 from typing import Any
 
 import cv2
@@ -28,7 +33,8 @@ import numpy as np
 from affordance_core.inference.geometry import InputError, check_intrinsics
 from affordance_ros.msgtypes import MessageTypes, stamp_ns
 
-__all__ = ['ConversionError', 'COLOR_ENCODINGS', 'DEPTH_ENCODINGS', 'image_to_rgb',
+__all__ = ['ConversionError', 'COLOR_ENCODINGS', 'DEPTH_ENCODINGS', 'BRIDGE_COLOR_ENCODINGS',
+           'image_to_rgb',
            'compressed_to_rgb', 'image_to_depth', 'camera_info_to_K', 'numpy_to_image']
 
 
@@ -38,6 +44,11 @@ class ConversionError(ValueError):
 
 COLOR_ENCODINGS: tuple[str, ...] = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8')
 DEPTH_ENCODINGS: tuple[str, ...] = ('16UC1', 'mono16', '32FC1')
+# colour encodings of sensor_msgs/image_encodings that only cv_bridge converts (when installed)
+BRIDGE_COLOR_ENCODINGS: tuple[str, ...] = (
+    'rgb16', 'bgr16', 'rgba16', 'bgra16', '8UC3', '8UC4', 'yuv422', 'uyvy', 'yuv422_yuy2',
+    'yuyv', 'nv21', 'nv24', *(f'bayer_{p}{b}' for p in ('rggb', 'bggr', 'gbrg', 'grbg')
+                              for b in (8, 16)))
 
 # encoding -> (channels, numpy dtype of one channel, little-endian)
 _LAYOUT: dict[str, tuple[int, np.dtype]] = {
@@ -108,12 +119,47 @@ def _pixels(msg: Any, field: str, enc: str) -> np.ndarray:
     return np.ascontiguousarray(rows).view(dtype).reshape(h, w, channels)
 
 
+@functools.lru_cache(maxsize=1)
+def _cv_bridge() -> Any | None:
+    """A ``cv_bridge.CvBridge`` when cv_bridge is importable (a ROS install), else None."""
+    try:
+        from cv_bridge import CvBridge
+    except ImportError:
+        return None
+    return CvBridge()
+
+
+def _bridge_to_rgb(msg: Any, raw: str) -> np.ndarray:
+    """A :data:`BRIDGE_COLOR_ENCODINGS` image -> (H, W, 3) uint8 RGB through cv_bridge."""
+    bridge = _cv_bridge()
+    if bridge is None:
+        raise ConversionError(f"image: encoding '{raw}' needs cv_bridge, which is not installed "
+                              f"(without it: {', '.join(COLOR_ENCODINGS)})")
+    try:
+        out = bridge.imgmsg_to_cv2(msg, desired_encoding='rgb8')
+    except Exception as exc:  # cv_bridge raises CvBridgeError, cv2.error, TypeError ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"image: cv_bridge cannot convert '{raw}' to rgb8: {first}") \
+            from None
+    out = np.asarray(out)
+    want = (int(msg.height), int(msg.width), 3)
+    if out.dtype != np.uint8 or out.shape != want:
+        raise ConversionError(f"image: cv_bridge turned '{raw}' into {out.dtype} {out.shape}, "
+                              f'expected uint8 {want}')
+    return np.array(out, order='C')  # a copy: never shares memory with the message
+
+
 def image_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8) -> (H, W, 3) uint8 RGB.
+    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8; with cv_bridge also
+    :data:`BRIDGE_COLOR_ENCODINGS`) -> (H, W, 3) uint8 RGB.
 
     Raises:
-        ConversionError: unsupported encoding, empty image, step or data size inconsistent.
+        ConversionError: unsupported encoding (or one that needs the missing cv_bridge), empty
+            image, step or data size inconsistent.
     """
+    raw = str(getattr(msg, 'encoding', '')).strip()
+    if raw in BRIDGE_COLOR_ENCODINGS:
+        return _bridge_to_rgb(msg, raw)
     enc = _encoding(msg, 'image', COLOR_ENCODINGS)
     px = _pixels(msg, 'image', enc)
     if enc == 'rgb8':

@@ -376,3 +376,90 @@ def test_numpy_to_image_casts_float64_depth(t: BagMessageTypes, header: Any) -> 
     m = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
     msg = numpy_to_image(m, 'mono8', header, t)
     assert (msg.height, msg.width, msg.step) == (2, 3, 3)
+
+
+# ----------------------------------------------------------------------- cv_bridge fallback
+
+
+class _StandInCvBridge:
+    """cv_bridge.CvBridge's imgmsg_to_cv2 for yuv422 (UYVY, as cv_bridge decodes it) only;
+    records its calls."""
+
+    calls: list[tuple[str, str]] = []
+
+    def imgmsg_to_cv2(self, msg: Any, desired_encoding: str = 'passthrough') -> np.ndarray:
+        self.calls.append((msg.encoding, desired_encoding))
+        if msg.encoding != 'yuv422':
+            raise TypeError(f'[{msg.encoding}] is not a supported encoding here')
+        uyvy = np.asarray(msg.data, np.uint8).reshape(msg.height, msg.step)[:, :msg.width * 2]
+        out = cv2.cvtColor(uyvy.reshape(msg.height, msg.width, 2), cv2.COLOR_YUV2RGB_UYVY)
+        return out if msg.width > 2 else out[:, :, :2]  # a broken result for width <= 2
+
+
+@pytest.fixture()
+def bridge(monkeypatch: pytest.MonkeyPatch) -> type[_StandInCvBridge]:
+    import sys
+    import types as pytypes
+
+    from affordance_ros import conversions
+
+    mod = pytypes.ModuleType('cv_bridge')
+    mod.CvBridge = _StandInCvBridge  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, 'cv_bridge', mod)
+    conversions._cv_bridge.cache_clear()
+    _StandInCvBridge.calls = []
+    yield _StandInCvBridge
+    conversions._cv_bridge.cache_clear()
+
+
+def _uyvy(t: BagMessageTypes, h: int, w: int, pad: int = 0,
+          seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A yuv422 (UYVY) message with rows padded by ``pad`` bytes, and its unpadded pixels."""
+    uyvy = np.random.default_rng(seed).integers(0, 256, (h, w, 2), dtype=np.uint8)
+    rows = np.full((h, w * 2 + pad), 7, np.uint8)
+    rows[:, :w * 2] = uyvy.reshape(h, w * 2)
+    return image(t, h, w, 'yuv422', w * 2 + pad, rows.reshape(-1)), uyvy
+
+
+def test_bridge_encodings_go_through_cv_bridge(t: BagMessageTypes, bridge: Any) -> None:
+    msg, uyvy = _uyvy(t, 4, 6, pad=4)
+    out = image_to_rgb(msg)
+    assert bridge.calls == [('yuv422', 'rgb8')]
+    assert out.shape == (4, 6, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, cv2.cvtColor(uyvy, cv2.COLOR_YUV2RGB_UYVY))
+    assert not np.shares_memory(out, msg.data)
+
+
+def test_listed_encodings_never_use_cv_bridge(t: BagMessageTypes, bridge: Any) -> None:
+    arr = sample('bgr8')
+    msg = image(t, 5, 7, 'bgr8', 21, arr.reshape(-1))
+    np.testing.assert_array_equal(image_to_rgb(msg), expected_rgb(arr, 'bgr8'))
+    with pytest.raises(ConversionError, match="unsupported encoding '16UC1'"):
+        image_to_rgb(bad_image(t, encoding='16UC1'))  # depth as colour: rejected, not bridged
+    assert bridge.calls == []
+
+
+def test_cv_bridge_failures_are_conversion_errors(t: BagMessageTypes, bridge: Any) -> None:
+    msg = bad_image(t, encoding='bayer_rggb8', step=640, data=np.zeros(480 * 640, np.uint8))
+    with pytest.raises(ConversionError, match="cv_bridge cannot convert 'bayer_rggb8' to rgb8: "
+                                              r'\[bayer_rggb8\] is not a supported'):
+        image_to_rgb(msg)
+    narrow, _ = _uyvy(t, 2, 2)
+    with pytest.raises(ConversionError, match=r"cv_bridge turned 'yuv422' into uint8 \(2, 2, 2\)"):
+        image_to_rgb(narrow)
+
+
+def test_bridge_encoding_without_cv_bridge(t: BagMessageTypes,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from affordance_ros import conversions
+
+    monkeypatch.setitem(sys.modules, 'cv_bridge', None)  # import cv_bridge -> ImportError
+    conversions._cv_bridge.cache_clear()
+    try:
+        with pytest.raises(ConversionError, match="image: encoding 'yuv422' needs cv_bridge, "
+                                                  'which is not installed'):
+            image_to_rgb(_uyvy(t, 2, 4)[0])
+    finally:
+        conversions._cv_bridge.cache_clear()
