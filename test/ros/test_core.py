@@ -256,7 +256,7 @@ def _mutations(types):
         return setf(k=types.f64_array(np.asarray(values, np.float64)))
 
     return [
-        ('image encoding', 'img', setf(encoding='yuv422'), 'bad_image'),
+        ('image encoding', 'img', setf(encoding='64FC3'), 'bad_image'),
         ('image encoding 16UC1', 'img', setf(encoding='16UC1'), 'bad_image'),
         ('image height 0', 'img', setf(height=0), 'bad_image'),
         ('image height', 'img', setf(height=H + 1), 'bad_image'),
@@ -522,7 +522,7 @@ def test_warnings_are_rate_limited_per_reason(types, caplog):
     with caplog.at_level(logging.WARNING, logger='ratelimit'):
         for i in range(5):
             img, dep, info = messages(types, T0 + i * 100 * MS)
-            img.encoding = 'yuv422'
+            img.encoding = '64FC3'
             frame = feed(core, img, dep, info)
             assert core.process(frame, T0 + i * 100 * MS + MS, OUTPUT_TOPICS) is None
         img, dep, info = messages(types, T0 + 900 * MS)
@@ -531,7 +531,7 @@ def test_warnings_are_rate_limited_per_reason(types, caplog):
     texts = [r.getMessage() for r in caplog.records]
     assert len([t for t in texts if t.startswith('bad_image')]) == 1
     assert len([t for t in texts if t.startswith('bad_depth')]) == 1
-    assert "unsupported encoding 'yuv422'" in texts[0]
+    assert "unsupported encoding '64FC3'" in texts[0]
     assert core.snapshot()['dropped']['bad_image'] == 5
 
 

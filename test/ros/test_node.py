@@ -223,7 +223,7 @@ def _malformed(types: Any) -> list[tuple[str, str, Callable[[tuple], tuple]]]:
         return f
 
     return [
-        ('image encoding', 'bad_image', image_with(encoding='yuv422')),
+        ('image encoding', 'bad_image', image_with(encoding='64FC3')),
         ('image height', 'bad_image', image_with(height=H + 1)),
         ('image step', 'bad_image', image_with(step=W)),
         ('image data length', 'bad_image', image_with(data=np.zeros(10, np.uint8))),
