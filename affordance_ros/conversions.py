@@ -30,12 +30,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from affordance_core.inference.distortion import Distortion, check_distortion
 from affordance_core.inference.geometry import InputError, check_intrinsics
 from affordance_ros.msgtypes import MessageTypes, stamp_ns
 
 __all__ = ['ConversionError', 'COLOR_ENCODINGS', 'DEPTH_ENCODINGS', 'BRIDGE_COLOR_ENCODINGS',
            'image_to_rgb',
-           'compressed_to_rgb', 'image_to_depth', 'camera_info_to_K', 'numpy_to_image']
+           'compressed_to_rgb', 'image_to_depth', 'camera_info_to_K', 'camera_info_distortion',
+           'numpy_to_image']
 
 
 class ConversionError(ValueError):
@@ -228,32 +230,50 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
-def camera_info_to_K(msg: Any, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """sensor_msgs/CameraInfo -> validated 3x3 float64 K of the published image.
+def _numbers(msg: Any, name: str, count: int) -> np.ndarray:
+    """CameraInfo field ``name`` as ``count`` finite float64 values."""
+    field = 'camera_info'
+    value = getattr(msg, name.lower())
+    try:
+        a = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ConversionError(f'{field}: {name} must be {count} numbers, got '
+                              f'{type(value).__name__}') from None
+    if a.size != count:
+        raise ConversionError(f'{field}: {name} has {a.size} values, expected {count} '
+                              f'(row-major {3}x{count // 3})')
+    if not np.all(np.isfinite(a)):
+        raise ConversionError(f'{field}: {name} contains NaN or inf: {a.tolist()}')
+    return a
 
-    Binning and ROI are applied as image_geometry's ``PinholeCameraModel`` does (fx, cx divided
-    by binning_x after subtracting the ROI x offset; likewise y). A camera_info whose width and
-    height are both 0 (unset) skips the size check.
+
+def camera_info_to_K(msg: Any, image_size: tuple[int, int] | None = None, *,
+                     rectified: bool = False) -> np.ndarray:
+    """sensor_msgs/CameraInfo -> validated 3x3 float64 intrinsics of the published image.
+
+    A raw image's intrinsics are K. A rectified image's (``image_rect``, ``rectified=True``) are
+    the left 3x3 of P, the projection matrix of the rectified image, as image_geometry's
+    ``PinholeCameraModel`` uses them; an all-zero P falls back to K. Binning and ROI are
+    applied as ``PinholeCameraModel`` does (fx, cx divided by binning_x after subtracting the
+    ROI x offset; likewise y). A camera_info whose width and height are both 0 (unset) skips
+    the size check.
 
     Args:
         msg: the CameraInfo.
         image_size: (H, W) of the image K is used with; checked against the camera_info size
             (after binning / ROI).
+        rectified: the image is rectified (use P).
 
     Raises:
-        ConversionError: K missing, all zeros (uncalibrated), non-finite or malformed, or the
-            size does not match the image.
+        ConversionError: K (or P) missing, all zeros (uncalibrated), non-finite or malformed,
+            or the size does not match the image.
     """
     field = 'camera_info'
-    try:
-        k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise ConversionError(f'{field}: K must be 9 numbers, got {type(msg.k).__name__}') \
-            from None
-    if k.size != 9:
-        raise ConversionError(f'{field}: K has {k.size} values, expected 9 (row-major 3x3)')
-    if not np.all(np.isfinite(k)):
-        raise ConversionError(f'{field}: K contains NaN or inf: {k.tolist()}')
+    k = _numbers(msg, 'K', 9)
+    if rectified:
+        p = _numbers(msg, 'P', 12)
+        if np.any(p):
+            k = p.reshape(3, 4)[:, :3].reshape(-1)
     if not np.any(k):
         raise ConversionError(f'{field}: K is all zeros (uncalibrated camera)')
     K = k.reshape(3, 3).copy()
@@ -283,6 +303,24 @@ def camera_info_to_K(msg: Any, image_size: tuple[int, int] | None = None) -> np.
             raise ConversionError(f'{field}: size {exp_w}x{exp_h}{extra} does not match the '
                                   f'image {img_w}x{img_h}')
     return K
+
+
+def camera_info_distortion(msg: Any) -> Distortion | None:
+    """sensor_msgs/CameraInfo ``d`` and ``distortion_model`` of a *raw* image, or None when the
+    camera has no distortion (D empty or all zeros).
+
+    Raises:
+        ConversionError: non-finite coefficients, an unsupported model (supported:
+            plumb_bob, rational_polynomial, equidistant) or a coefficient count the model does
+            not have.
+    """
+    model = str(getattr(msg, 'distortion_model', '') or '').strip()
+    try:
+        d = np.asarray(getattr(msg, 'd', None) if getattr(msg, 'd', None) is not None else [],
+                       dtype=np.float64)
+        return check_distortion(d, model or 'plumb_bob')
+    except (InputError, TypeError, ValueError) as exc:
+        raise ConversionError(f'camera_info: {exc}') from None
 
 
 def numpy_to_image(arr: np.ndarray, encoding: str, header: Any, types: MessageTypes) -> Any:

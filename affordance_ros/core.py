@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -67,8 +68,8 @@ from affordance_core.inference.geometry import InputError, register_depth, \
     rotation_to_quaternion
 from affordance_core.inference.pipeline import Grasp
 from affordance_ros import outputs
-from affordance_ros.conversions import ConversionError, camera_info_to_K, compressed_to_rgb, \
-    image_to_depth, image_to_rgb
+from affordance_ros.conversions import ConversionError, camera_info_distortion, \
+    camera_info_to_K, compressed_to_rgb, image_to_depth, image_to_rgb
 from affordance_ros.msgtypes import MessageTypes, stamp_ns
 from affordance_ros.outputs import DiagnosticsReport
 from affordance_ros.params import NodeSettings, validate_update
@@ -172,6 +173,19 @@ def merge_clouds(clouds: Sequence[np.ndarray]) -> np.ndarray:
     return pts[keep]
 
 
+_RECT_WORD = re.compile(r'(^|_)rect(_|$)')
+
+
+def is_rectified_topic(topic: str) -> bool:
+    """Does an image topic name say "rectified" (image_proc's ``image_rect``,
+    ``image_rect_color``, realsense's ``image_rect_raw``)? Reads the last name part (the one
+    before a transport suffix such as ``/compressed``)."""
+    parts = [p for p in str(topic).split('/') if p]
+    if parts and parts[-1] in ('compressed', 'compressedDepth', 'theora'):
+        parts = parts[:-1]
+    return bool(parts) and _RECT_WORD.search(parts[-1]) is not None
+
+
 class _Drop(Exception):
     """Internal: the frame is dropped for ``reason``."""
 
@@ -196,6 +210,8 @@ class GroundingCore:
             stamps (rates then cover the window before the newest stamp).
         expect: optional inputs known to stream ('depth', 'camera_info'), waited for from the
             first image on (:meth:`ApproximateSync.expect`); replay passes the bag's topics.
+        image_topic: the image's resolved topic name, for ``input_image: auto`` (the node
+            sets :attr:`image_topic` when it subscribes).
 
     Raises:
         ValueError: ``settings.actions`` names an action the model does not know.
@@ -204,8 +220,9 @@ class GroundingCore:
     def __init__(self, pipeline: Any, types: MessageTypes, settings: NodeSettings, *,
                  transform: TransformFn | None = None, logger: Any = None,
                  clock: Callable[[], int] | None = None,
-                 expect: Iterable[str] = ()) -> None:
+                 expect: Iterable[str] = (), image_topic: str = '') -> None:
         self.pipeline: Any = pipeline
+        self.image_topic = image_topic
         self.types = types
         self.settings = settings
         self.transform = transform
@@ -259,8 +276,17 @@ class GroundingCore:
                 f"{len(self.classes)} classes, input {getattr(self.pipeline, 'input_size', '?')}"
                 f", actions {', '.join(self._actions)}, "
                 f"{'RGB-D (depth required)' if s.require_depth else 'RGB(-D)'}, "
+                f"{'rectified' if self.rectified else 'raw (lens distortion undone)'} input, "
                 f"target_frame '{s.target_frame or '<camera>'}', "
                 f'max_input_age {s.max_input_age_ms:g} ms, slop {s.sync_slop_s:g} s')
+
+    @property
+    def rectified(self) -> bool:
+        """Is the image rectified (``input_image``; 'auto' reads :attr:`image_topic`)?"""
+        mode = self.settings.input_image
+        if mode != 'auto':
+            return mode == 'rectified'
+        return is_rectified_topic(self.image_topic)
 
     # ------------------------------------------------------------------ logging / counting
 
@@ -437,8 +463,10 @@ class GroundingCore:
             self._last_output_ns = int(now_ns)
         return out
 
-    def _decode(self, frame: Frame) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """rgb, depth, K of a frame, or _Drop."""
+    def _decode(self, frame: Frame) -> tuple[np.ndarray, np.ndarray | None,
+                                             np.ndarray | None, dict[str, Any]]:
+        """rgb, depth, K and the lens distortion keywords of the pipeline (none for rectified
+        images and cameras without distortion) of a frame, or _Drop."""
         msg = frame.image
         try:
             if hasattr(msg, 'format') and not hasattr(msg, 'encoding'):
@@ -451,9 +479,14 @@ class GroundingCore:
             raise _Drop('bad_image', f'image: {type(exc).__name__}: {exc}') from None
         H, W = rgb.shape[:2]
         depth = K = None
+        lens: dict[str, Any] = {}
         if frame.camera_info is not None:
             try:
-                K = camera_info_to_K(frame.camera_info, image_size=(H, W))
+                rectified = self.rectified
+                K = camera_info_to_K(frame.camera_info, image_size=(H, W), rectified=rectified)
+                dist = None if rectified else camera_info_distortion(frame.camera_info)
+                if dist is not None:
+                    lens = {'D': dist.coeffs, 'distortion_model': dist.model}
             except (ConversionError, InputError) as exc:
                 raise _Drop('bad_camera_info', str(exc)) from None
             except Exception as exc:
@@ -469,7 +502,7 @@ class GroundingCore:
                 raise _Drop('bad_depth', str(exc)) from None
             except Exception as exc:
                 raise _Drop('bad_depth', f'depth: {type(exc).__name__}: {exc}') from None
-        return rgb, depth, K
+        return rgb, depth, K, lens
 
     def _process(self, frame: Frame, now_ns: int, wanted: Container[str]) -> dict[str, Any]:
         pipeline = self.pipeline
@@ -480,7 +513,7 @@ class GroundingCore:
         if age_ms > s.max_input_age_ms:
             raise _Drop('stale', f'frame {age_ms:.0f} ms old (max_input_age_ms '
                                  f'{s.max_input_age_ms:g})')
-        rgb, depth, K = self._decode(frame)
+        rgb, depth, K, lens = self._decode(frame)
         actions = self.actions
         want_cloud = 'affordance_cloud' in wanted and depth is not None
         try:
@@ -488,7 +521,8 @@ class GroundingCore:
         except AttributeError:
             pass
         try:
-            result = pipeline(rgb, depth=depth, K=K, actions=actions)
+            result = pipeline(rgb, depth=depth, K=K, actions=actions,
+                              **(lens if depth is not None else {}))
         except InputError as exc:  # inputs passed the checks above; name it anyway
             raise _Drop('bad_depth' if depth is not None and 'depth' in str(exc) else
                         'bad_image', str(exc)) from None

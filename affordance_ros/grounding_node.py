@@ -158,13 +158,15 @@ class GroundingNode(LifecycleNode):
         for topic, msg_type, handler, qos in inputs:
             self._inputs.append(self.create_subscription(
                 self.types[msg_type], topic, self._wrap(handler), qos))
+        core.image_topic = self._inputs[0].topic_name  # resolved: for input_image 'auto'
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name='grounding_worker',
                                         daemon=True)
         self._worker.start()
         self._diag_timer = self.create_timer(self._settings.diagnostics_period_s,
                                              self._publish_diagnostics)
-        self.get_logger().info(f'active: actions {core.actions}')
+        self.get_logger().info(f"active: actions {core.actions}, image {core.image_topic} "
+                               f"({'rectified' if core.rectified else 'raw'})")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -54,6 +54,7 @@ __all__ = ['ParamSpec', 'NodeSettings', 'PARAMETERS', 'DYNAMIC', 'QOS_RELIABILIT
 NODE_NAME = 'grounding_node'
 QOS_RELIABILITY: tuple[str, ...] = ('best_effort', 'reliable', 'system_default')
 IMAGE_TRANSPORTS: tuple[str, ...] = ('raw', 'compressed')
+INPUT_IMAGE: tuple[str, ...] = ('auto', 'raw', 'rectified')
 DYNAMIC: frozenset[str] = frozenset({
     'actions', 'min_score', 'heat_threshold', 'top_k', 'nms_radius', 'max_input_age_ms',
     'publish_overlay', 'publish_cloud', 'overlay_action'})
@@ -177,6 +178,7 @@ class NodeSettings:
     require_depth: bool = False
     qos_reliability: str = 'best_effort'
     image_transport: str = 'raw'
+    input_image: str = 'auto'
     target_frame: str = ''
     tf_timeout_s: float = 0.05
     publish_overlay: bool = True
@@ -211,6 +213,7 @@ _NODE_VALIDATORS: dict[str, Validator] = {
     'sync_queue_size': _range(1),
     'qos_reliability': _one_of(QOS_RELIABILITY),
     'image_transport': _one_of(IMAGE_TRANSPORTS),
+    'input_image': _one_of(INPUT_IMAGE),
     'tf_timeout_s': _range(0.0),
     'marker_lifetime_s': _range(0.0),
     'warmup_runs': _range(0),
@@ -232,6 +235,12 @@ _NODE_DOCS: dict[str, str] = {
                        "'reliable' or 'system_default'.",
     'image_transport': "colour input: 'raw' (sensor_msgs/Image on 'image') or 'compressed' "
                        "(sensor_msgs/CompressedImage, jpeg / png, on 'image/compressed').",
+    'input_image': "'raw': intrinsics K, and the 3-D lifting undoes camera_info's lens "
+                   "distortion (d, distortion_model: plumb_bob, rational_polynomial or "
+                   "equidistant); 'rectified' (image_rect): intrinsics from P, d ignored; "
+                   "'auto': 'rectified' when the image topic's last name part (after "
+                   "remapping) has 'rect' as a word (image_rect, image_rect_color, "
+                   "image_rect_raw), else 'raw'.",
     'target_frame': "frame for grasps, detections_3d, markers and the cloud (TF at the image "
                     "stamp); '' = the camera optical frame of the image.",
     'tf_timeout_s': 'how long to wait for the transform to target_frame (seconds).',

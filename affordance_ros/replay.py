@@ -378,7 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         core = GroundingCore(pipeline, types, settings, transform=tf,
                              logger=logging.getLogger(PROG), clock=lambda: clock[0],
                              expect=[k for k, t in (('depth', topics.depth),
-                                                    ('camera_info', topics.camera_info)) if t])
+                                                    ('camera_info', topics.camera_info)) if t],
+                             image_topic=topics.image)
         core.warm_up(settings.warmup_runs)
         load_s = time.perf_counter() - t_load
         wanted = set(OUTPUT_TOPICS)

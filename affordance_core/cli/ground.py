@@ -18,6 +18,9 @@ Intrinsics JSON: any of ``{"K": [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]}`` (or 9 r
 also under ``"k"`` as in ROS camera_info), ``{"fx": .., "fy": .., "cx": .., "cy": ..}``, or
 Open3D's ``{"intrinsic_matrix": [9 values, column-major]}``; optional ``"width"`` and
 ``"height"`` give the image size K belongs to, and K is rescaled when the image differs.
+A raw (unrectified) image's lens distortion may come along as ``"d"`` (or ``"D"``, as in ROS
+camera_info) with ``"distortion_model"`` (``plumb_bob`` by default, ``rational_polynomial``,
+``equidistant``): the 3-D lifting then undoes it.
 """
 from __future__ import annotations
 
@@ -125,6 +128,26 @@ def read_depth(path: str | Path) -> np.ndarray:
     if depth.dtype == np.float64:
         depth = depth.astype(np.float32)
     return depth
+
+
+def read_distortion(path: str | Path) -> dict[str, Any]:
+    """The pipeline's lens keywords (``D``, ``distortion_model``) from an intrinsics JSON;
+    empty when it has no (or an all-zero) ``"d"`` / ``"D"``.
+
+    Raises:
+        ValueError: malformed coefficients or an unsupported model.
+    """
+    from affordance_core.inference.distortion import check_distortion
+
+    data = json.loads(Path(path).read_text())
+    key = next((k for k in ('d', 'D') if k in data), None)
+    if key is None:
+        return {}
+    try:
+        dist = check_distortion(data[key], data.get('distortion_model', 'plumb_bob'))
+    except ValueError as exc:
+        raise ValueError(f'{path}: {exc}') from None
+    return {} if dist is None else {'D': dist.coeffs, 'distortion_model': dist.model}
 
 
 def read_intrinsics(path: str | Path, image_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -272,13 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rgb = read_rgb(args.image)
         H, W = rgb.shape[:2]
         K = read_intrinsics(args.intrinsics, (W, H)) if args.intrinsics else None
+        lens = read_distortion(args.intrinsics) if args.intrinsics else {}
         depth = read_depth(args.depth) if args.depth else None
         pipe = GroundingPipeline.from_checkpoint(
             args.checkpoint, backend=args.backend, device=args.device, onnx_path=args.onnx,
             engine_path=args.engine, depth_scale=args.depth_scale, min_depth=args.min_depth,
             max_depth=args.max_depth, top_k=args.top_k, min_score=args.min_score,
             nms_radius=args.nms_radius, flip_tta=args.flip_tta, return_cloud=args.cloud)
-        result = pipe(rgb, depth=depth, K=K, actions=args.action)
+        result = pipe(rgb, depth=depth, K=K, actions=args.action, **lens)
     except user_errors as exc:
         return _fail(exc)
 

@@ -4,7 +4,8 @@ Conventions (all fixed here, tested in ``test/core/test_geometry.py``):
 
 * **Frame**: the camera *optical* frame of the RGB image (REP-103): x right, y down, z forward,
   metres. Pixel centres are at integer (u, v); (0, 0) is the centre of the top-left pixel.
-* **Back-projection** (pinhole, no distortion: feed rectified images): ``p = z * K^-1 [u, v, 1]``,
+* **Back-projection** (pinhole, no distortion; raw images with lens distortion go through
+  :mod:`~affordance_core.inference.distortion` first): ``p = z * K^-1 [u, v, 1]``,
   i.e. ``X = (u - cx) Z / fx``, ``Y = (v - cy) Z / fy`` when K has no skew; z is the depth along
   the optical axis (what depth cameras publish), not the distance along the ray.
 * **Depth encodings** (REP-118 / REP-117): ``uint16`` (16UC1) in ``depth_scale`` units per metre

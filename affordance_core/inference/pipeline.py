@@ -46,6 +46,8 @@ import numpy as np
 from transforms3d.quaternions import quat2mat
 
 from affordance_core.inference import geometry as geo
+from affordance_core.inference.distortion import Distortion, check_distortion, rectify_maps, \
+    undistort_pixels
 from affordance_core.inference.geometry import InputError
 from affordance_core.inference.grasps import GraspPoint, find_grasp_points
 from affordance_core.inference.object_prior import SUPPRESS_MODES, suppress_background
@@ -271,6 +273,10 @@ class _Frame:
     sx: float                 # Wd / W
     sy: float                 # Hd / H
     valid: np.ndarray         # (Hd, Wd) bool, finite depth
+    # raw images with lens distortion: depth_m / valid are the rectified copy (same K_depth),
+    # ``maps`` the cv2.remap maps that made it (heatmaps follow the same way)
+    dist: Distortion | None = None
+    maps: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -376,6 +382,7 @@ class GroundingPipeline:
         self.input_size = int(size)
         self.model_runs = 0
         self._cache: _Cache | None = None
+        self._rect_maps: tuple[bytes, tuple[np.ndarray, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -438,8 +445,10 @@ class GroundingPipeline:
                 raise ValueError(f'actions must be strings, got {name!r}')
         return [(name, class_id(name, self.classes)) for name in names]
 
-    def _check_depth(self, depth: Any, K: Any, rgb_shape: tuple[int, int]) -> _Frame | None:
+    def _check_depth(self, depth: Any, K: Any, rgb_shape: tuple[int, int], D: Any = None,
+                     distortion_model: str = 'plumb_bob') -> _Frame | None:
         k = None if K is None else geo.check_intrinsics(K)
+        dist = check_distortion(D, distortion_model)
         if depth is None:
             return None
         if k is None:
@@ -449,7 +458,20 @@ class GroundingPipeline:
         depth_m = geo.depth_to_metres(depth, cfg.depth_scale, min_depth=cfg.min_depth,
                                       max_depth=cfg.max_depth)
         k_depth, sx, sy = geo.register_depth(depth_m.shape, rgb_shape, k)
-        return _Frame(depth_m, k, k_depth, sx, sy, np.isfinite(depth_m))
+        maps = None
+        if dist is not None:  # lift in a rectified copy of the depth grid (same K_depth)
+            maps = self._rectify_maps(k_depth, dist, depth_m.shape)
+            depth_m = cv2.remap(depth_m, *maps, cv2.INTER_NEAREST,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
+        return _Frame(depth_m, k, k_depth, sx, sy, np.isfinite(depth_m), dist, maps)
+
+    def _rectify_maps(self, k_depth: np.ndarray, dist: Distortion,
+                      shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The remap maps of this camera (computed once: a few ms at 640 x 480)."""
+        key = k_depth.tobytes() + dist.key() + repr(shape).encode()
+        if self._rect_maps is None or self._rect_maps[0] != key:
+            self._rect_maps = (key, rectify_maps(k_depth, dist, shape))
+        return self._rect_maps[1]
 
     # ------------------------------------------------------------------ model
 
@@ -518,7 +540,8 @@ class GroundingPipeline:
 
     def __call__(self, rgb: np.ndarray, depth: np.ndarray | None = None,
                  K: np.ndarray | None = None,
-                 actions: str | Iterable[str] = ('hold',)) -> GroundingResult:
+                 actions: str | Iterable[str] = ('hold',), *, D: Any = None,
+                 distortion_model: str = 'plumb_bob') -> GroundingResult:
         """Ground ``actions`` in one frame.
 
         Args:
@@ -528,6 +551,11 @@ class GroundingPipeline:
                 be a scaled copy of (H, W) (same aspect ratio).
             K: (3, 3) intrinsics of the RGB image; required with ``depth``.
             actions: affordance name(s) among ``self.classes``.
+            D: distortion coefficients of a *raw* (unrectified) RGB image, with
+                ``distortion_model`` (``plumb_bob``, ``rational_polynomial`` or
+                ``equidistant``; :mod:`~affordance_core.inference.distortion`): the 3-D lifting
+                then undoes the distortion; 2-D results stay in the raw pixels. None or zeros for
+                rectified images (and for cameras without distortion).
 
         Returns:
             :class:`GroundingResult`.
@@ -541,7 +569,7 @@ class GroundingPipeline:
         acts = self._check_actions(actions)
         H, W = rgb.shape[:2]
         t_lift0 = time.perf_counter()
-        frame = self._check_depth(depth, K, (H, W))
+        frame = self._check_depth(depth, K, (H, W), D, distortion_model)
         t_lift = (time.perf_counter() - t_lift0) * 1e3
 
         t0 = time.perf_counter()
@@ -598,6 +626,9 @@ class GroundingPipeline:
         Hd, Wd = frame.depth_m.shape
         heat_d = heat if heat.shape == (Hd, Wd) else cv2.resize(
             heat, (Wd, Hd), interpolation=cv2.INTER_LINEAR)
+        if frame.maps is not None:  # into the rectified depth grid
+            heat_d = cv2.remap(heat_d, *frame.maps, cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
         if cloud is not None:
             pts, pix = geo.backproject_depth(frame.depth_m, frame.K_depth,
                                              frame.valid & (heat_d >= cfg.heat_threshold))
@@ -623,6 +654,8 @@ class GroundingPipeline:
         scale = 0.5 * (frame.sx + frame.sy)
         u = np.array([p.u for p in points], np.float64)
         v = np.array([p.v for p in points], np.float64)
+        if frame.dist is not None:  # where the candidates' rays meet the rectified image
+            u, v = undistort_pixels(u, v, frame.K, frame.dist)
         ud, vd = (u + 0.5) * frame.sx - 0.5, (v + 0.5) * frame.sy - 0.5
         stats = geo.robust_depth_batch(depth_m, ud, vd, _odd(cfg.depth_window * scale))
         lift = (stats.count > 0) & (stats.valid_fraction >= cfg.min_valid_depth_fraction)
@@ -650,7 +683,7 @@ class GroundingPipeline:
             normal[~fitted] = -p / np.sqrt((p * p).sum(1))[:, None]
             for i in np.flatnonzero(~fitted):
                 logger.debug('%s grasp at (%.1f, %.1f): no plane fit, normal = -ray', action,
-                             u[i], v[i])
+                             points[idx[i]].u, points[idx[i]].v)
         toward = (normal * position).sum(1) > 0
         normal[toward] = -normal[toward]
         approach = -normal

@@ -143,6 +143,27 @@ def test_read_intrinsics_formats(tmp_path):
         read_intrinsics(tmp_path / 'missing.json')
 
 
+def test_read_distortion(tmp_path):
+    from affordance_core.cli.ground import read_distortion
+
+    cases = {'none.json': ({'K': np.eye(3).tolist()}, {}),
+             'zeros.json': ({'d': [0.0] * 5}, {}),
+             'ros.json': ({'d': [-0.2, 0.05, 0, 0, 0.01], 'distortion_model': 'plumb_bob'},
+                          {'D': [-0.2, 0.05, 0, 0, 0.01], 'distortion_model': 'plumb_bob'}),
+             'fisheye.json': ({'D': [0.1, 0.0, 0.0, 0.0], 'distortion_model': 'equidistant'},
+                              {'D': [0.1, 0.0, 0.0, 0.0], 'distortion_model': 'equidistant'})}
+    for name, (doc, want) in cases.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+        got = read_distortion(tmp_path / name)
+        assert set(got) == set(want), name
+        if want:
+            assert got['distortion_model'] == want['distortion_model']
+            np.testing.assert_array_equal(got['D'], want['D'])
+    (tmp_path / 'bad.json').write_text(json.dumps({'d': [0.1, 0.2], 'distortion_model': 'x'}))
+    with pytest.raises(ValueError, match="bad.json: distortion model 'x' is not supported"):
+        read_distortion(tmp_path / 'bad.json')
+
+
 def test_real_tum_frame(shared_data, ckpt, tmp_path, capsys):
     root = shared_data / 'rgbd'
     rc, out, err = run(['--checkpoint', ckpt, '--image', root / 'other_formats/TUM_color.png',

@@ -259,6 +259,79 @@ def test_tilted_plane_position_and_normal(normal, point):
         assert g.width > 0
 
 
+DISTORTIONS = [('plumb_bob', [-0.30, 0.12, 0.001, -0.002, -0.02]),       # barrel (webcam)
+               ('rational_polynomial', [0.4, -0.1, 0.0005, 0.001, 0.02, 0.7, -0.05, 0.05]),
+               ('equidistant', [0.08, -0.02, 0.004, -0.001])]
+
+
+def _rays(u, v, k, model, d):
+    """Unit-z viewing rays of raw pixels (OpenCV's own inverse of the distortion)."""
+    pts = np.stack([np.ravel(u), np.ravel(v)], -1).astype(np.float64)[:, None, :]
+    crit = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100, 1e-14)
+    if model == 'equidistant':
+        xy = cv2.fisheye.undistortPoints(pts, k, np.array(d), criteria=crit)
+    else:
+        xy = cv2.undistortPointsIter(pts, k, np.array(d), None, None, crit)
+    xy = xy.reshape(-1, 2)
+    return np.concatenate([xy, np.ones((len(xy), 1))], 1)
+
+
+def _project_raw(p, k, model, d):
+    if model == 'equidistant':
+        uv, _ = cv2.fisheye.projectPoints(np.array(p, float).reshape(1, 1, 3), np.zeros(3),
+                                          np.zeros(3), k, np.array(d))
+    else:
+        uv, _ = cv2.projectPoints(np.array(p, float).reshape(1, 3), np.zeros(3), np.zeros(3),
+                                  k, np.array(d))
+    return uv.reshape(2)
+
+
+@pytest.mark.parametrize('model, d', DISTORTIONS)
+def test_raw_distorted_image_lifts_through_the_undistorted_ray(model, d):
+    """A tilted plane seen by a camera with lens distortion: every raw pixel's depth is where its
+    true (undistorted) ray meets the plane. Grasps near the corner must land on the plane, on
+    their true ray; ignoring D puts them centimetres off."""
+    n_true = np.array((0.2, -0.45, -0.87)) / np.linalg.norm((0.2, -0.45, -0.87))
+    point = np.array((0.0, 0.05, 1.0))
+    vv, uu = np.mgrid[0:480, 0:640].astype(np.float64)
+    rays = _rays(uu, vv, K, model, d)
+    depth = ((n_true @ point) / (rays @ n_true)).reshape(480, 640).astype(np.float32)
+    cams = cams_with(blob((2.5, 2.5), 0.9) + blob((12.5, 13.0), 0.9, 0.9))
+    pipe, _ = make_pipe(cams, top_k=2)
+    rgb = rgb_image()
+    plain = pipe(rgb, depth, K, actions='hold')
+    r = pipe(rgb, depth, K, actions='hold', D=d, distortion_model=model)
+    assert len(r.grasps) == 2
+    np.testing.assert_array_equal(r.heatmaps['hold'], plain.heatmaps['hold'])  # 2-D: raw pixels
+    worst_plain = 0.0
+    for g, g0 in zip(r.grasps, plain.grasps):
+        assert (g.u, g.v) == (g0.u, g0.v) and g.valid_3d
+        p = np.array(g.position)
+        ray = _rays(g.u, g.v, K, model, d)[0]
+        assert abs((p - point) @ n_true) < 1e-3                               # on the plane
+        assert p == pytest.approx(ray * (n_true @ point) / (n_true @ ray), abs=1.5e-3)
+        assert _project_raw(p, K, model, d) == pytest.approx([g.u, g.v], abs=0.05)
+        assert angle_deg(g.normal, n_true) < 1.5
+        check_pose(g)
+        worst_plain = max(worst_plain, float(np.linalg.norm(np.array(g0.position) - p)))
+    assert worst_plain > 0.01  # without D the corner grasp is off by more than a centimetre
+
+
+def test_zero_distortion_changes_nothing_and_bad_distortion_is_refused():
+    depth = render_plane(TILTED[1][0], TILTED[1][1], K, (480, 640)).astype(np.float32)
+    pipe, _ = make_pipe(cams_with(blob((6.3, 9.6), 1.0) + blob((12, 3), 1.0, 0.8)))
+    a = pipe(rgb_image(), depth, K, actions='hold')
+    b = pipe(rgb_image(), depth, K, actions='hold', D=[0.0] * 5, distortion_model='plumb_bob')
+    assert a.grasps == b.grasps
+    for D, model, text in [([0.1, np.nan, 0, 0, 0], 'plumb_bob', 'nan or inf'),
+                           ([0.1, 0.0, 0.0], 'plumb_bob', 'plumb_bob takes 4 / 5 / 8 / 12 / 14'),
+                           ([0.1, 0.0, 0.0, 0.0, 0.0], 'equidistant', 'equidistant takes 4'),
+                           ([0.1, 0.0, 0.0, 0.0], 'kannala', "model 'kannala' is not supported"),
+                           ('abc', 'plumb_bob', 'must be numbers')]:
+        with pytest.raises(InputError, match=text):
+            pipe(rgb_image(), depth, K, actions='hold', D=D, distortion_model=model)
+
+
 def test_x_axis_follows_an_elongated_blob():
     # floor-like plane, blob centred on the image centre column (u = 319.5): by symmetry the
     # closing axis is exactly the camera x axis for a horizontal blob

@@ -315,6 +315,35 @@ def test_camera_info_k(t: BagMessageTypes) -> None:
     np.testing.assert_array_equal(camera_info_to_K(back), K)
 
 
+def test_camera_info_rectified_uses_P_and_distortion(t: BagMessageTypes) -> None:
+    from affordance_ros.conversions import camera_info_distortion
+
+    msg = camera_info(t)
+    # an all-zero P (uncalibrated rectification) falls back to K
+    np.testing.assert_array_equal(camera_info_to_K(msg, rectified=True),
+                                  np.reshape(K_LIST, (3, 3)))
+    msg.p = t.f64_array([480.0, 0.0, 330.0, 0.0, 0.0, 490.0, 245.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(camera_info_to_K(msg, image_size=(480, 640), rectified=True),
+                                  [[480, 0, 330], [0, 490, 245], [0, 0, 1]])
+    np.testing.assert_array_equal(camera_info_to_K(msg), np.reshape(K_LIST, (3, 3)))
+    msg.p = t.f64_array([1.0] * 11)
+    with pytest.raises(ConversionError, match='P has 11 values, expected 12'):
+        camera_info_to_K(msg, rectified=True)
+
+    assert camera_info_distortion(msg) is None  # d = zeros
+    msg.d = t.f64_array([-0.2, 0.05, 0.001, 0.0, 0.0])
+    dist = camera_info_distortion(msg)
+    assert dist is not None and dist.model == 'plumb_bob'
+    np.testing.assert_array_equal(dist.coeffs, [-0.2, 0.05, 0.001, 0.0, 0.0])
+    msg.distortion_model = 'fov'
+    with pytest.raises(ConversionError, match="camera_info: distortion model 'fov' is not "
+                                              'supported'):
+        camera_info_distortion(msg)
+    msg.distortion_model, msg.d = 'equidistant', t.f64_array([0.1, 0.0, np.inf, 0.0])
+    with pytest.raises(ConversionError, match='nan or inf'):
+        camera_info_distortion(msg)
+
+
 def test_camera_info_unset_size_skips_the_check(t: BagMessageTypes) -> None:
     K = camera_info_to_K(camera_info(t, w=0, h=0), image_size=(240, 320))
     assert K[0, 0] == 500.0

@@ -561,3 +561,86 @@ def test_conversions_round_trip_sanity(types):
     assert image_to_rgb(img).shape == (H, W, 3)
     assert image_to_depth(dep).dtype == np.uint16
     assert math.isclose(float(info.k[0]), 130.0)
+
+
+# ----------------------------------------------------------------------- lens distortion
+
+
+@pytest.mark.parametrize('topic, rectified', [
+    ('/camera/camera/color/image_raw', False), ('/camera/color/image_rect_raw', True),
+    ('/cam/image_rect', True), ('/cam/image_rect_color/compressed', True),
+    ('/cam/image_raw/compressed', False), ('/direct_cam/image', False),
+    ('/cam/image_correct', False), ('image', False), ('', False)])
+def test_is_rectified_topic(topic, rectified):
+    from affordance_ros.core import is_rectified_topic
+
+    assert is_rectified_topic(topic) is rectified
+
+
+def _distorted_info(types, stamp, D, model='plumb_bob', P=None):
+    info = messages(types, stamp)[2]
+    info.distortion_model = model
+    info.d = np.asarray(D, np.float64)
+    if P is not None:
+        info.p = np.asarray(P, np.float64).reshape(-1)
+    return info
+
+
+def _grasp_positions(core, types, info, stamp):
+    img, dep, _ = messages(types, stamp)
+    frame = feed(core, img, dep, info)
+    out = core.process(frame, stamp + 20 * MS, {'grasps'})
+    assert out is not None, core.snapshot()['dropped']
+    return [(g.pose.position.x, g.pose.position.y, g.pose.position.z)
+            for g in out['grasps'].grasps if g.valid_3d]
+
+
+def test_raw_images_undo_camera_info_distortion_rectified_ones_use_P(types):
+    """The same frame and camera_info (k1 = -0.3): on a raw topic the 3-D points follow the
+    undistorted rays; on a rectified topic (or input_image: rectified) the distortion is
+    ignored and P gives the intrinsics."""
+    D = [-0.3, 0.1, 0.0, 0.0, 0.0]
+    P = np.c_[K, np.zeros(3)]
+    P[0, 0] = P[1, 1] = 140.0  # the rectified image's own focal length
+    found = {}
+    for name, topic, mode in [('raw', '/cam/image_raw', 'auto'),
+                              ('rect', '/cam/image_rect', 'auto'),
+                              ('forced_rect', '/cam/image_raw', 'rectified'),
+                              ('forced_raw', '/cam/image_rect', 'raw')]:
+        core, _ = make_core(types, input_image=mode, actions=['pour'])  # peak off-centre
+        core.image_topic = topic
+        found[name] = _grasp_positions(core, types, _distorted_info(types, T0, D, P=P), T0)
+    assert found['raw'] == found['forced_raw'] and found['rect'] == found['forced_rect']
+    # the reference: a grasp at pixel (u, v) on the z = 1 m plane
+    core, _ = make_core(types, actions=['pour'])
+    img, dep, info = messages(types, T0)
+    u, v = [(float(g.u), float(g.v)) for g in core.process(
+        feed(core, img, dep, info), T0 + 20 * MS, {'grasps'})['grasps'].grasps][0]
+    pts = np.array([[[u, v]]], np.float64)
+    x, y = cv2.undistortPointsIter(pts, K, np.array(D), None, None,
+                                   (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100,
+                                    1e-14)).reshape(2)
+    assert found['raw'][0] == pytest.approx((x, y, 1.0), abs=1e-3)
+    assert found['rect'][0] == pytest.approx(((u - 79.5) / 140, (v - 59.5) / 140, 1.0),
+                                             abs=1e-3)
+    pinhole = ((u - 79.5) / 130, (v - 59.5) / 130, 1.0)
+    assert np.linalg.norm(np.subtract(found['raw'][0], pinhole)) > 0.005  # it matters here
+
+
+@pytest.mark.parametrize('change, text', [
+    (dict(model='kannala_brandt', D=[0.1, 0, 0, 0]), "distortion model 'kannala_brandt'"),
+    (dict(D=[0.1, math.nan, 0, 0, 0]), 'nan or inf'),
+    (dict(model='equidistant', D=[0.1, 0, 0, 0, 0]), 'equidistant takes 4')])
+def test_bad_distortion_drops_the_frame_as_bad_camera_info(types, change, text, caplog):
+    core, _ = make_core(types)
+    core.image_topic = '/cam/image_raw'
+    info = _distorted_info(types, T0, change['D'], change.get('model', 'plumb_bob'))
+    img, dep, _ = messages(types, T0)
+    with caplog.at_level(logging.WARNING, logger='test_core'):
+        assert core.process(feed(core, img, dep, info), T0 + 20 * MS, OUTPUT_TOPICS) is None
+    assert core.snapshot()['dropped']['bad_camera_info'] == 1
+    assert any(text in r.getMessage() for r in caplog.records)
+    core.image_topic = '/cam/image_rect'  # rectified: d is not read
+    info = _distorted_info(types, T0 + 100 * MS, change['D'], change.get('model', 'plumb_bob'))
+    img, dep, _ = messages(types, T0 + 100 * MS)
+    assert core.process(feed(core, img, dep, info), T0 + 120 * MS, {'grasps'}) is not None

@@ -34,12 +34,13 @@ def make_node(ros_stand_in, ckpt) -> Any:
 
     nodes = []
 
-    def make(**overrides: Any) -> Any:
+    def make(node_kwargs: dict[str, Any] | None = None, **overrides: Any) -> Any:
         values = {'checkpoint': str(ckpt), 'backend': 'torch', 'device': 'cpu',
                   'warmup_runs': 1, 'actions': ['hold'], 'max_input_age_ms': 1e12}
         values.update(overrides)
         node = grounding_node.GroundingNode(
-            parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+            parameter_overrides=[Parameter(k, value=v) for k, v in values.items()],
+            **(node_kwargs or {}))
         nodes.append(node)
         return node
 
@@ -312,6 +313,24 @@ def test_compressed_image_transport(make_node, ros_stand_in) -> None:
     grasps = node.test_publisher('grasps')
     assert wait_for(lambda: len(grasps.published) == 1)
     assert grasps.published[0].header.stamp == image.header.stamp
+
+
+def test_input_image_auto_reads_the_resolved_image_topic(make_node) -> None:
+    node = make_node(node_kwargs={'namespace': '/wrist'})
+    node.trigger_configure()
+    node.trigger_activate()
+    assert node.core.image_topic == '/wrist/image' and not node.core.rectified
+    node = make_node(node_kwargs={'cli_args': ['--ros-args', '-r',
+                                               'image:=/camera/color/image_rect']})
+    node.trigger_configure()
+    node.trigger_activate()
+    assert node.core.image_topic == '/camera/color/image_rect' and node.core.rectified
+    node = make_node(node_kwargs={'cli_args': ['--ros-args', '-r',
+                                               'image:=/camera/color/image_rect']},
+                     input_image='raw')
+    node.trigger_configure()
+    node.trigger_activate()
+    assert not node.core.rectified
 
 
 def test_target_frame_uses_tf_at_the_image_stamp(make_node, ros_stand_in) -> None:

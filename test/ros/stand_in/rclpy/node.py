@@ -58,10 +58,16 @@ class Publisher:
 
 class Subscription:
     def __init__(self, msg_type: Any, topic: str, callback: Callable[[Any], None],
-                 qos_profile: Any) -> None:
+                 qos_profile: Any, resolved: str = '') -> None:
         self.msg_type, self.topic, self.callback = msg_type, topic, callback
         self.qos_profile = qos_profile
         self.destroyed = False
+        self._resolved = resolved or topic
+
+    @property
+    def topic_name(self) -> str:
+        """The resolved name (namespace and remapping applied), as rclpy's property."""
+        return self._resolved
 
     def test_deliver(self, msg: Any) -> None:
         if self.destroyed:
@@ -92,6 +98,11 @@ class Node:
                  enable_logger_service: bool = False) -> None:
         self._name = node_name
         self._namespace = namespace or '/'
+        # '--ros-args -r from:=to' remapping rules of cli_args (topic names only)
+        args = list(cli_args or [])
+        self._test_remaps = {a.split(':=')[0]: a.split(':=')[1]
+                             for flag, a in zip(args, args[1:])
+                             if flag in ('-r', '--remap') and ':=' in a}
         # the attribute names and types of rclpy's Node, so a subclass that reuses one of them
         # breaks here as it would on a robot
         self._parameter_overrides = {p.name: p for p in (parameter_overrides or [])}
@@ -197,9 +208,16 @@ class Node:
                             callback_group: Any = None, event_callbacks: Any = None,
                             qos_overriding_options: Any = None,
                             raw: bool = False) -> Subscription:
-        sub = Subscription(msg_type, topic, callback, qos_profile)
+        sub = Subscription(msg_type, topic, callback, qos_profile,
+                           self.resolve_topic_name(topic))
         self._subscriptions.append(sub)
         return sub
+
+    def resolve_topic_name(self, topic: str, *, only_expand: bool = False) -> str:
+        name = topic if only_expand else self._test_remaps.get(topic, topic)
+        if name.startswith('/'):
+            return name
+        return self._namespace.rstrip('/') + '/' + name
 
     def create_timer(self, timer_period_sec: float, callback: Callable[[], Any],
                      callback_group: Any = None, clock: Any = None) -> Timer:
