@@ -3,12 +3,12 @@ message classes (no ROS)."""
 from __future__ import annotations
 
 import array
-import dataclasses
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from msg_assertions import assert_msg_equal
 
 from affordance_ros.conversions import (COLOR_ENCODINGS, DEPTH_ENCODINGS, ConversionError,
                                         camera_info_to_K, compressed_to_rgb, image_to_depth,
@@ -65,25 +65,6 @@ def to_rgb_or_depth(msg: Any) -> np.ndarray:
 
 def expected(arr: np.ndarray, encoding: str) -> np.ndarray:
     return expected_rgb(arr, encoding) if encoding in COLOR_ENCODINGS else arr
-
-
-def assert_msg_equal(a: Any, b: Any) -> None:
-    """Deep equality of rosbags messages (numpy arrays compared element-wise, NaN == NaN)."""
-    if dataclasses.is_dataclass(a):
-        assert type(a).__name__ == type(b).__name__
-        for f in dataclasses.fields(a):
-            if not f.name.startswith('__') and not f.name.isupper():
-                assert_msg_equal(getattr(a, f.name), getattr(b, f.name))
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_msg_equal(x, y)
-    elif isinstance(a, float):
-        assert a == b or (a != a and b != b)
-    else:
-        assert a == b
 
 
 # ----------------------------------------------------------------------- round trips

@@ -2,12 +2,12 @@
 the source header, and holds the documented values."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 import pytest
+from msg_assertions import assert_msg_equal
 
 from affordance_core.cli.ground import draw_grasps
 from affordance_core.inference.pipeline import Grasp
@@ -47,25 +47,6 @@ def grasp_list() -> list[Grasp]:
         Grasp('cut_with', 0.3, 5.0, 5.0, True, (math.nan, 0.0, 1.0), (0.0, 0.0, -1.0),
               (0.0, 0.0, 0.0, 1.0), 0.02, 0.01),
     ]
-
-
-def assert_msg_equal(a: Any, b: Any) -> None:
-    """Deep equality of rosbags messages (numpy arrays compared element-wise, NaN == NaN)."""
-    if dataclasses.is_dataclass(a):
-        assert type(a).__name__ == type(b).__name__
-        for f in dataclasses.fields(a):
-            if not f.name.startswith('__') and not f.name.isupper():
-                assert_msg_equal(getattr(a, f.name), getattr(b, f.name))
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_msg_equal(x, y)
-    elif isinstance(a, float):
-        assert a == b or (a != a and b != b)
-    else:
-        assert a == b
 
 
 def round_trip(t: BagMessageTypes, msg: Any, msgtype: str) -> Any:
