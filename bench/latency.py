@@ -46,6 +46,8 @@ logger = logging.getLogger('bench.latency')
 
 PIPELINE_STAGES = ('preprocess', 'model', 'heatmap', 'grasps', 'lift', 'total')
 INT8 = 'onnxruntime-int8'  # CPU only
+COMPILED = 'torch-compile'  # torch.compile (inductor; CUDA graphs on CUDA): opt-in, compiling
+# takes about 30 s on 2 CPU cores
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                    "a 16-bit PNG in millimetres registered to --image, 'synthetic' (default: a "
                    "table plane at 0.8 m with a box) or 'none'")
     p.add_argument('--backends', default='all', help="comma-separated subset of torch, "
-                   "onnxruntime, onnxruntime-int8, tensorrt (default: all available)")
+                   "torch-compile, onnxruntime, onnxruntime-int8, tensorrt (default 'all': "
+                   "every available one but torch-compile)")
     p.add_argument('--actions', help='comma-separated affordances for the pipeline (default: '
                    'the first class)')
     p.add_argument('--device', default='auto', help='auto | cpu | cuda (default: %(default)s)')
@@ -240,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     quantize_onnx(fp32, int8)
                 backends[kind] = OnnxRuntimeBackend(int8, device='cpu', threads=threads)
                 continue
+            if kind == COMPILED:
+                backends[kind] = create_backend('torch', checkpoint=checkpoint, device=device,
+                                                compile=True)
+                continue
             backends[kind] = create_backend(kind, checkpoint=checkpoint, device=device,
                                             cache_dir=cache_dir, threads=threads)
         except Exception as exc:
@@ -299,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 st['pipeline.total']['median_ms'] / st['model']['median_ms'])
             report['ratios'][f'{kind}: pipeline total / its model stage'] = (
                 st['pipeline.total']['median_ms'] / st['pipeline.model']['median_ms'])
-    for kind in ('onnxruntime', INT8):
+    for kind in ('onnxruntime', INT8, COMPILED):
         if kind in report['stages'] and 'torch' in report['stages']:
             report['ratios'][f'{kind} / torch-eager model'] = (
                 report['stages'][kind]['model']['median_ms']
