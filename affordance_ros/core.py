@@ -544,7 +544,7 @@ class GroundingCore:
             name = s.overlay_action if s.overlay_action in actions else actions[0]
             out['overlay'] = outputs.overlay_msg(rgb, result.heatmaps[name],
                                                  result.grasps_by_action.get(name, []), K,
-                                                 header, self.types)
+                                                 header, self.types, **lens)
         if not any(topic in wanted for topic in OUTPUTS_3D):
             return out
 

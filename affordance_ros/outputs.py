@@ -202,7 +202,7 @@ def heatmap_msg(heat: np.ndarray, header: Any, types: MessageTypes) -> Any:
 
 
 def overlay_msg(rgb: np.ndarray, heat: np.ndarray, grasps: Sequence[Grasp],
-                K: np.ndarray | None, header: Any, types: MessageTypes) -> Any:
+                K: np.ndarray | None, header: Any, types: MessageTypes, **lens: Any) -> Any:
     """Heatmap overlay with the numbered grasps (and 3-D arrows when K is given) -> bgr8 Image.
 
     Args:
@@ -210,10 +210,11 @@ def overlay_msg(rgb: np.ndarray, heat: np.ndarray, grasps: Sequence[Grasp],
         heat: (H, W) heatmap in [0, 1].
         grasps: grasps to draw, best first.
         K: 3x3 intrinsics of ``rgb`` (only for the arrows of valid_3d grasps), or None.
+        lens: ``D`` and ``distortion_model`` of a raw ``rgb`` (arrows projected through them).
     """
     from affordance_core.cli.ground import draw_grasps
 
-    img = draw_grasps(np.asarray(rgb), np.asarray(heat), list(grasps), K)
+    img = draw_grasps(np.asarray(rgb), np.asarray(heat), list(grasps), K, **lens)
     return numpy_to_image(np.ascontiguousarray(img[:, :, ::-1]), 'bgr8', header, types)
 
 

@@ -209,7 +209,8 @@ def read_intrinsics(path: str | Path, image_size: tuple[int, int] | None = None)
 
 
 def draw_grasps(rgb: np.ndarray, heatmap: np.ndarray, grasps: Sequence[Any],
-                K: np.ndarray | None = None) -> np.ndarray:
+                K: np.ndarray | None = None, *, D: Any = None,
+                distortion_model: str = 'plumb_bob') -> np.ndarray:
     """Heatmap overlay with grasp points, approach arrows and closing axes.
 
     Args:
@@ -217,14 +218,19 @@ def draw_grasps(rgb: np.ndarray, heatmap: np.ndarray, grasps: Sequence[Any],
         heatmap: (H, W) float map in [0, 1].
         grasps: ``Grasp`` objects of one action, best first (numbered 1, 2, ...).
         K: (3, 3) intrinsics used to project the 3-D arrows (only grasps with ``valid_3d``).
+        D, distortion_model: the lens distortion of a raw ``rgb`` (as the pipeline takes
+            them): the arrows are projected through it, so they meet the drawn points.
 
     Returns:
         (H, W, 3) uint8 RGB image.
     """
     import cv2
 
+    from affordance_core.inference.distortion import check_distortion, project_distorted
     from affordance_core.inference.geometry import project
     from affordance_core.viz import overlay
+
+    dist = check_distortion(D, distortion_model)
 
     img = np.ascontiguousarray(overlay(rgb, heatmap, alpha=0.45))
     H, W = img.shape[:2]
@@ -236,7 +242,7 @@ def draw_grasps(rgb: np.ndarray, heatmap: np.ndarray, grasps: Sequence[Any],
     def pt(x: np.ndarray) -> tuple[int, int] | None:
         if not np.all(np.isfinite(x)) or x[2] <= 1e-6:
             return None
-        uv = project(x, K)
+        uv = project(x, K) if dist is None else project_distorted(x, K, dist)[0]
         return int(round(uv[0])), int(round(uv[1]))
 
     for rank, g in reversed(list(enumerate(grasps, 1))):  # best drawn last (on top)
@@ -309,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     actions = list(result.heatmaps)
-    panels = [draw_grasps(rgb, result.heatmaps[a], result.grasps_by_action[a], K)
+    panels = [draw_grasps(rgb, result.heatmaps[a], result.grasps_by_action[a], K, **lens)
               for a in actions]
     labels = [f'{a}: ' + (f'best {result.grasps_by_action[a][0].score:.2f}'
                           if result.grasps_by_action[a] else 'no grasp') for a in actions]

@@ -27,7 +27,7 @@ import numpy as np
 from affordance_core.inference.geometry import InputError
 
 __all__ = ['DISTORTION_MODELS', 'Distortion', 'check_distortion', 'undistort_pixels',
-           'rectify_maps']
+           'rectify_maps', 'project_distorted']
 
 DISTORTION_MODELS: tuple[str, ...] = ('plumb_bob', 'rational_polynomial', 'equidistant')
 _COUNTS = {'plumb_bob': (4, 5, 8, 12, 14), 'rational_polynomial': (4, 5, 8, 12, 14),
@@ -113,6 +113,29 @@ def undistort_pixels(u: np.ndarray, v: np.ndarray, K: np.ndarray,
         out = cv2.undistortPointsIter(pts, K, dist.coeffs, np.eye(3), K, _CRITERIA)
     out = out.reshape(-1, 2)
     return out[:, 0].astype(np.float64), out[:, 1].astype(np.float64)
+
+
+def project_distorted(points: np.ndarray, K: np.ndarray, dist: Distortion) -> np.ndarray:
+    """Camera-frame 3-D points (z > 0) -> their raw (distorted) pixel positions.
+
+    Args:
+        points: (n, 3) metres in the camera optical frame.
+        K: (3, 3) intrinsics of the raw image.
+        dist: its distortion.
+
+    Returns:
+        (n, 2) float64 pixel coordinates (u, v).
+    """
+    pts = np.asarray(points, np.float64).reshape(-1, 1, 3)
+    if pts.shape[0] == 0:
+        return np.zeros((0, 2))
+    zero = np.zeros(3)
+    K = np.asarray(K, np.float64)
+    if dist.fisheye:
+        uv, _ = cv2.fisheye.projectPoints(pts, zero, zero, K, dist.coeffs)
+    else:
+        uv, _ = cv2.projectPoints(pts, zero, zero, K, dist.coeffs)
+    return uv.reshape(-1, 2).astype(np.float64)
 
 
 def rectify_maps(K: np.ndarray, dist: Distortion,

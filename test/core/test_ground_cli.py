@@ -180,3 +180,31 @@ def test_real_tum_frame(shared_data, ckpt, tmp_path, capsys):
             assert np.dot(g['normal'], g['position']) < 0
             assert g['width'] <= 0.3 + 1e-9
     assert cv2.imread(str(tmp_path / 'overlay.png')).shape == (480 + 24, 640, 3)
+
+
+def test_draw_grasps_projects_arrows_through_the_lens():
+    """With D, the approach arrow of a grasp is projected through the lens: its tail lies where
+    the distorted projection puts it, not where a pinhole one would (pixels apart here)."""
+    from affordance_core.cli.ground import draw_grasps
+    from affordance_core.inference.distortion import check_distortion, project_distorted
+    from affordance_core.inference.pipeline import Grasp
+
+    K = np.array([[300.0, 0, 159.5], [0, 300.0, 119.5], [0, 0, 1]])
+    D = [-0.35, 0.12, 0.0, 0.0, 0.0]
+    dist = check_distortion(D)
+    p = np.array([-0.25, -0.18, 0.6])  # near the top-left corner
+    u, v = project_distorted(p, K, dist)[0]
+    g = Grasp('hold', 0.9, float(u), float(v), True, tuple(p), (0.0, 0.0, -1.0),
+              (0.0, 0.0, 0.0, 1.0), 0.0, 0.0)
+    rgb = np.zeros((240, 320, 3), np.uint8)
+    heat = np.zeros((240, 320), np.float32)
+    tail = p + [0.0, 0.0, -0.1]  # APPROACH_ARROW_M along the normal
+    tails = {'lens': project_distorted(tail, K, dist)[0],
+             'pinhole': (K @ tail)[:2] / tail[2]}
+    assert np.hypot(*(tails['lens'] - tails['pinhole'])) > 8
+    for name, lens in (('lens', {'D': D}), ('pinhole', {})):
+        img = draw_grasps(rgb, heat, [g], K, **lens)
+        rows, cols = np.nonzero((img[:, :, 0] > 200) & (img[:, :, 2] > 200)
+                                & (img[:, :, 1] < 60))  # the magenta arrow
+        far = np.argmax(np.hypot(cols - u, rows - v))  # its tail: farthest from the point
+        assert np.hypot(cols[far] - tails[name][0], rows[far] - tails[name][1]) < 3, name
