@@ -35,9 +35,8 @@ from affordance_core.inference.geometry import InputError, check_intrinsics
 from affordance_ros.msgtypes import MessageTypes, stamp_ns
 
 __all__ = ['ConversionError', 'COLOR_ENCODINGS', 'DEPTH_ENCODINGS', 'BRIDGE_COLOR_ENCODINGS',
-           'image_to_rgb',
-           'compressed_to_rgb', 'image_to_depth', 'camera_info_to_K', 'camera_info_distortion',
-           'numpy_to_image']
+           'image_to_rgb', 'compressed_to_rgb', 'image_to_depth', 'camera_info_to_K',
+           'camera_info_distortion', 'numpy_to_image']
 
 
 class ConversionError(ValueError):
@@ -241,7 +240,7 @@ def _numbers(msg: Any, name: str, count: int) -> np.ndarray:
                               f'{type(value).__name__}') from None
     if a.size != count:
         raise ConversionError(f'{field}: {name} has {a.size} values, expected {count} '
-                              f'(row-major {3}x{count // 3})')
+                              f'(row-major 3x{count // 3})')
     if not np.all(np.isfinite(a)):
         raise ConversionError(f'{field}: {name} contains NaN or inf: {a.tolist()}')
     return a
@@ -314,11 +313,10 @@ def camera_info_distortion(msg: Any) -> Distortion | None:
             plumb_bob, rational_polynomial, equidistant) or a coefficient count the model does
             not have.
     """
-    model = str(getattr(msg, 'distortion_model', '') or '').strip()
+    model = str(getattr(msg, 'distortion_model', '') or '').strip() or 'plumb_bob'
+    d = getattr(msg, 'd', None)
     try:
-        d = np.asarray(getattr(msg, 'd', None) if getattr(msg, 'd', None) is not None else [],
-                       dtype=np.float64)
-        return check_distortion(d, model or 'plumb_bob')
+        return check_distortion([] if d is None else d, model)
     except (InputError, TypeError, ValueError) as exc:
         raise ConversionError(f'camera_info: {exc}') from None
 

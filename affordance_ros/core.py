@@ -484,7 +484,9 @@ class GroundingCore:
             try:
                 rectified = self.rectified
                 K = camera_info_to_K(frame.camera_info, image_size=(H, W), rectified=rectified)
-                dist = None if rectified else camera_info_distortion(frame.camera_info)
+                # the lens matters only for the 3-D lifting: RGB-only frames never read d
+                dist = (None if rectified or frame.depth is None else
+                        camera_info_distortion(frame.camera_info))
                 if dist is not None:
                     lens = {'D': dist.coeffs, 'distortion_model': dist.model}
             except (ConversionError, InputError) as exc:
@@ -521,8 +523,7 @@ class GroundingCore:
         except AttributeError:
             pass
         try:
-            result = pipeline(rgb, depth=depth, K=K, actions=actions,
-                              **(lens if depth is not None else {}))
+            result = pipeline(rgb, depth=depth, K=K, actions=actions, **lens)
         except InputError as exc:  # inputs passed the checks above; name it anyway
             raise _Drop('bad_depth' if depth is not None and 'depth' in str(exc) else
                         'bad_image', str(exc)) from None

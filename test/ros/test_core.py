@@ -644,3 +644,13 @@ def test_bad_distortion_drops_the_frame_as_bad_camera_info(types, change, text, 
     info = _distorted_info(types, T0 + 100 * MS, change['D'], change.get('model', 'plumb_bob'))
     img, dep, _ = messages(types, T0 + 100 * MS)
     assert core.process(feed(core, img, dep, info), T0 + 120 * MS, {'grasps'}) is not None
+
+
+def test_rgb_only_frames_do_not_read_the_distortion(types):
+    core, _ = make_core(types, require_depth=False)
+    core.image_topic = '/cam/image_raw'
+    img, _, _ = messages(types, T0)
+    info = _distorted_info(types, T0, [0.1, 0, 0, 0], 'kannala_brandt')
+    out = core.process(feed(core, img, None, info), T0 + 20 * MS, {'grasps'})
+    assert out is not None and core.snapshot()['dropped'].get('bad_camera_info', 0) == 0
+    assert not any(g.valid_3d for g in out['grasps'].grasps)
